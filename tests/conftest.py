@@ -1,0 +1,43 @@
+"""Test set-up shared by the whole suite.
+
+8 host CPU devices so sharding tests see a real mesh (must be set before jax is imported),
+absl flags marked parsed for grain's worker processes, and the location of ../shared/data.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub downloads from tests, ever
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+
+SHARED_DATA = Path(
+    os.environ.get("SIGNCLIP_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real recordings beside the checkout (`../shared/data`); skips when absent."""
+    if not (SHARED_DATA / "poses").is_dir():
+        pytest.skip(f"real sample data not found at {SHARED_DATA} (set SIGNCLIP_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_pose(shared_data):
+    """Path of one real `.pose` file from ../shared/data/poses by file name."""
+
+    def get(name: str) -> Path:
+        path = shared_data / "poses" / name
+        if not path.exists():
+            pytest.skip(f"{path} not found")
+        return path
+
+    return get
