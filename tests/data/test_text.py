@@ -1,0 +1,149 @@
+"""Text side: tokenizer loading, caption layout (reference 2.2), prompt templates (2.3)."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from signclip_jax.data import text
+from signclip_jax.data.text import (
+    PROMPT_TEMPLATES,
+    bundled_minilm_path,
+    encode_text,
+    encode_texts,
+    load_tokenizer,
+    render_prompt,
+    resolve_text_model,
+)
+from signclip_jax.errors import UserError
+
+MADE_UP_HUB_NAME = "signclip-jax-tests/no-such-model-7f3a"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("minilm")
+
+
+def test_bundled_minilm_folder():
+    path = bundled_minilm_path()
+    for name in ("config.json", "vocab.txt"):
+        assert os.path.exists(os.path.join(path, name))
+
+
+def test_resolve_text_model(tmp_path):
+    assert resolve_text_model("minilm") == bundled_minilm_path()
+    assert resolve_text_model("BUNDLED") == bundled_minilm_path()
+    assert resolve_text_model(str(tmp_path)) == str(tmp_path)
+    assert resolve_text_model("bert-base-cased") == "bert-base-cased"
+    assert resolve_text_model("google-bert/bert-base-cased") == "google-bert/bert-base-cased"
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_text_model(str(tmp_path / "missing"))
+    with pytest.raises(UserError):
+        resolve_text_model("  ")
+
+
+def test_encode_text_layout(tok):
+    caption = "<en> <ase> house"
+    pieces = tok(caption, add_special_tokens=False)["input_ids"]
+    ids, mask = encode_text(tok, caption)
+    assert ids.shape == mask.shape == (63,)
+    assert ids.dtype == np.int32 and mask.dtype == bool
+    n = len(pieces)
+    assert ids[0] == tok.cls_token_id
+    assert list(ids[1 : n + 1]) == pieces
+    assert ids[n + 1] == tok.sep_token_id
+    assert (ids[n + 2 :] == 0).all()
+    assert mask[: n + 2].all() and not mask[n + 2 :].any()
+    # the tags are plain text, split by the basic tokenizer, not special tokens
+    assert tok.convert_ids_to_tokens(pieces[:3]) == ["<", "en", ">"]
+
+
+def test_encode_text_truncates_to_61_pieces(tok):
+    caption = " ".join(f"word{i}" for i in range(80))
+    pieces = tok(caption, add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 61
+    ids, mask = encode_text(tok, caption, max_len=64)
+    assert list(ids[1:62]) == pieces[:61]
+    assert ids[62] == tok.sep_token_id and ids[0] == tok.cls_token_id
+    assert mask.all()
+    ids8, _ = encode_text(tok, caption, max_len=8)
+    assert ids8.shape == (7,) and list(ids8[1:6]) == pieces[:5] and ids8[6] == tok.sep_token_id
+
+
+def test_encode_empty_text(tok):
+    ids, mask = encode_text(tok, "")
+    assert list(ids[:2]) == [tok.cls_token_id, tok.sep_token_id]
+    assert mask.sum() == 2
+
+
+def test_encode_texts_matches_single(tok):
+    texts = ["<en> <ase> house", "", "a much longer caption about signing " * 10, "Hello"]
+    ids, mask = encode_texts(tok, texts, max_len=32)
+    assert ids.shape == mask.shape == (4, 31)
+    for i, t in enumerate(texts):
+        one_ids, one_mask = encode_text(tok, t, max_len=32)
+        np.testing.assert_array_equal(ids[i], one_ids)
+        np.testing.assert_array_equal(mask[i], one_mask)
+    empty_ids, empty_mask = encode_texts(tok, [])
+    assert empty_ids.shape == (0, 63) and empty_mask.shape == (0, 63)
+
+
+def test_prompt_templates():
+    assert render_prompt("spreadthesign", text="house", spoken="en", signed="ase") == (
+        "<en> <ase> house"
+    )
+    assert render_prompt("spreadthesign", text="Haus", spoken="de", signed="gsg") == (
+        "<de> <gsg> Haus"
+    )
+    assert render_prompt("isolated", text="HOUSE", spoken="fr", signed="bfi") == "<en> <bfi> HOUSE"
+    assert render_prompt("fingerspelling", text="SCH", signed_name="German Sign Language") == (
+        "Fingerspell the letter SCH in German Sign Language."
+    )
+    assert render_prompt("plain", text="house") == "house"
+    assert render_prompt("[{signed}] {text}!", text="x", signed="dsl") == "[dsl] x!"
+    assert set(PROMPT_TEMPLATES) >= {"spreadthesign", "isolated", "fingerspelling", "plain"}
+
+
+def test_prompt_nan_text_becomes_nan():
+    assert render_prompt("spreadthesign", text=float("nan")) == "<en> <ase> nan"
+    assert render_prompt("spreadthesign", text=None) == "<en> <ase> nan"
+    assert render_prompt("plain", text=np.float64("nan")) == "nan"
+    assert render_prompt("plain", text=3) == "3"
+
+
+def test_prompt_unknown_field():
+    with pytest.raises(UserError, match="unknown field"):
+        render_prompt("<{language}> {text}", text="x")
+    with pytest.raises(UserError):
+        render_prompt("{} {text}", text="x")
+
+
+def test_offline_hub_name_is_a_user_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        load_tokenizer(MADE_UP_HUB_NAME)
+    message = str(err.value)
+    assert MADE_UP_HUB_NAME in message and "cache" in message and "local folder" in message
+    with pytest.raises(UserError, match="cache"):
+        text.hub_file(MADE_UP_HUB_NAME, "config.json")
+    assert time.monotonic() - start < 10
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    # Not flagged offline but no network: must not wait on the hub client's retries.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(text, "hub_offline", lambda: False)
+    monkeypatch.setattr(text, "hub_reachable", lambda timeout=3.0: False)
+    start = time.monotonic()
+    with pytest.raises(UserError, match="not reachable"):
+        load_tokenizer(MADE_UP_HUB_NAME)
+    assert time.monotonic() - start < 10
+
+
+def test_bad_local_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=str(tmp_path)):
+        load_tokenizer(str(tmp_path))

@@ -1,0 +1,318 @@
+"""Flax NNX BERT vs transformers' PyTorch BertModel, and HF weight loading."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+from flax import nnx
+
+from signclip_jax.data.text import bundled_minilm_path, encode_texts, load_tokenizer
+from signclip_jax.errors import DataError, UserError
+from signclip_jax.model.bert import (
+    PRESETS,
+    BertConfig,
+    BertModel,
+    hf_key,
+    load_hf_weights,
+    param_items,
+)
+
+TINY = BertConfig(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=40,
+)
+
+
+def torch_bert(config: BertConfig, seed: int = 0) -> transformers.BertModel:
+    """A random transformers BertModel with our config (eager attention, as the original)."""
+    torch.manual_seed(seed)
+    hf = transformers.BertConfig(**{k: v for k, v in config.to_dict().items()})
+    hf._attn_implementation = "eager"
+    model = transformers.BertModel(hf, add_pooling_layer=True).eval()
+    with torch.no_grad():  # non-trivial LayerNorm parameters, so a swapped name would show
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_folder(model: transformers.BertModel, folder, drop=(), rename=None, extra=None):
+    """Writes config.json + model.safetensors (optionally editing the tensors)."""
+    sd = {k: v.numpy().copy() for k, v in model.state_dict().items() if k not in drop}
+    if rename:
+        sd = {rename(k): v for k, v in sd.items()}
+    sd.update(extra or {})
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file(sd, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
+    return str(folder)
+
+
+def random_inputs(rng, batch, seq, vocab):
+    ids = rng.integers(1, vocab, size=(batch, seq)).astype(np.int32)
+    lengths = rng.integers(2, seq + 1, size=batch)
+    lengths[0] = seq
+    mask = np.arange(seq)[None] < lengths[:, None]
+    ids[~mask] = 0
+    return ids, mask
+
+
+def max_diff_on_valid(a, b, mask):
+    return float(np.abs(np.asarray(a) - np.asarray(b))[mask].max())
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    pt = torch_bert(TINY)
+    folder = save_folder(pt, tmp_path_factory.mktemp("tiny"))
+    model = BertModel(BertConfig.from_hf(folder), rngs=nnx.Rngs(1))
+    report = load_hf_weights(model, folder)
+    return pt, model, folder, report
+
+
+def test_tiny_bert_matches_transformers(tiny_pair):
+    pt, model, _, _ = tiny_pair
+    ids, mask = random_inputs(np.random.default_rng(0), 4, 17, TINY.vocab_size)
+    with torch.no_grad():
+        ref = pt(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long())
+    with jax.default_matmul_precision("float32"):
+        out = model(jnp.asarray(ids), jnp.asarray(mask))
+        pooled = model.pool(out)
+    diff = max_diff_on_valid(out, ref.last_hidden_state.numpy(), mask)
+    assert diff <= 1e-5, diff
+    assert np.abs(np.asarray(pooled) - ref.pooler_output.numpy()).max() <= 1e-5
+
+
+def test_tiny_bert_embeds_and_positions_match(tiny_pair):
+    """The inputs_embeds / position_ids / token_type_ids path used by the video tower."""
+    pt, model, _, _ = tiny_pair
+    rng = np.random.default_rng(1)
+    embeds = rng.normal(size=(2, 9, TINY.hidden_size)).astype(np.float32)
+    positions = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 30]] * 2)
+    types = rng.integers(0, 2, size=(2, 9))
+    mask = np.ones((2, 9), bool)
+    mask[1, 4:8] = False
+    with torch.no_grad():
+        ref = pt(
+            inputs_embeds=torch.tensor(embeds),
+            attention_mask=torch.tensor(mask).long(),
+            position_ids=torch.tensor(positions),
+            token_type_ids=torch.tensor(types),
+        )
+    with jax.default_matmul_precision("float32"):
+        out = model(
+            None,
+            mask,
+            inputs_embeds=jnp.asarray(embeds),
+            position_ids=jnp.asarray(positions),
+            token_type_ids=jnp.asarray(types),
+        )
+    assert max_diff_on_valid(out, ref.last_hidden_state.numpy(), mask) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = bundled_minilm_path()
+    model = BertModel(BertConfig.from_hf(path), rngs=nnx.Rngs(0))
+    report = load_hf_weights(model, path)
+    return model, report
+
+
+def test_minilm_matches_transformers(minilm):
+    model, _ = minilm
+    tok = load_tokenizer("minilm")
+    texts = ["<en> <ase> house", "<en> <gsg> Fingerspell the letter SCH.", "", "sad " * 40]
+    ids, mask = encode_texts(tok, texts, max_len=64)
+    pt = transformers.BertModel.from_pretrained(bundled_minilm_path(), attn_implementation="eager")
+    with torch.no_grad():
+        ref = pt.eval()(
+            input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long()
+        ).last_hidden_state.numpy()
+    with jax.default_matmul_precision("float32"):
+        out = forward(model, jnp.asarray(ids), jnp.asarray(mask))
+    diff = max_diff_on_valid(out, ref, mask)
+    print(f"MiniLM last hidden state max abs diff vs transformers: {diff:.2e}")
+    assert diff <= 1e-5, diff
+
+
+def test_minilm_load_report(minilm):
+    model, report = minilm
+    n_params = len(param_items(model))
+    assert len(report.loaded) == n_params == 5 + 6 * 16 + 2
+    # the one tensor the model has no use for is listed, not silently dropped
+    assert report.unused == ["embeddings.position_ids"]
+    assert "position_ids" in str(report)
+
+
+def test_missing_tensor_is_an_error_naming_it(tmp_path):
+    pt = torch_bert(TINY)
+    name = "encoder.layer.1.attention.self.key.bias"
+    folder = save_folder(pt, tmp_path / "missing", drop=(name,))
+    model = BertModel(TINY, rngs=nnx.Rngs(0))
+    before = np.asarray(model.embeddings.word_embeddings.embedding[...]).copy()
+    with pytest.raises(DataError, match=name.replace(".", r"\.")):
+        load_hf_weights(model, folder)
+    # all or nothing: nothing was written
+    np.testing.assert_array_equal(model.embeddings.word_embeddings.embedding[...], before)
+
+
+def test_shape_mismatch_is_an_error(tmp_path):
+    pt = torch_bert(TINY.replace(vocab_size=50))
+    folder = save_folder(pt, tmp_path / "vocab50")
+    with pytest.raises(DataError, match=r"word_embeddings\.weight \(50, 32\)"):
+        load_hf_weights(BertModel(TINY, rngs=nnx.Rngs(0)), folder)
+
+
+def test_prefixed_checkpoint_and_unused_heads(tmp_path):
+    """BertForPreTraining-style files (bert. prefix, MLM head, old gamma/beta names)."""
+    pt = torch_bert(TINY)
+
+    def rename(k):
+        k = "bert." + k
+        if k.endswith("LayerNorm.weight"):
+            return k[: -len("weight")] + "gamma"
+        if k.endswith("LayerNorm.bias"):
+            return k[: -len("bias")] + "beta"
+        return k
+
+    head = {"cls.predictions.bias": np.zeros(TINY.vocab_size, np.float32)}
+    folder = save_folder(pt, tmp_path / "pretraining", rename=rename, extra=head)
+    model = BertModel(TINY, rngs=nnx.Rngs(0))
+    report = load_hf_weights(model, folder)
+    assert report.unused == ["cls.predictions.bias"]
+    assert "bert.embeddings.LayerNorm.gamma" in report.loaded
+    np.testing.assert_array_equal(
+        model.embeddings.LayerNorm.scale[...], pt.embeddings.LayerNorm.weight.detach().numpy()
+    )
+
+
+def test_fewer_layers_and_pytorch_bin(tmp_path):
+    pt = torch_bert(TINY)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    sd = {k: v.half() for k, v in pt.state_dict().items()}  # an fp16 file is upcast
+    torch.save(sd, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(pt.config.to_dict()))
+    model = BertModel(TINY.replace(num_hidden_layers=1), rngs=nnx.Rngs(0))
+    report = load_hf_weights(model, str(folder), num_layers=1)
+    assert sorted({k.split(".")[2] for k in report.unused if k.startswith("encoder.")}) == [
+        "1",
+        "2",
+    ]
+    assert len(report.unused) == 2 * 16
+    q = pt.encoder.layer[0].attention.self.query.weight.detach().half().float().numpy()
+    np.testing.assert_array_equal(model.encoder.layer[0].attention.self.query.kernel[...], q.T)
+    assert model.encoder.layer[0].attention.self.query.kernel[...].dtype == jnp.float32
+    with pytest.raises(UserError, match="num_layers"):
+        load_hf_weights(model, str(folder), num_layers=3)
+
+
+def test_model_without_pooler_reports_it_unused(tiny_pair):
+    _, _, folder, _ = tiny_pair
+    model = BertModel(TINY, add_pooling_layer=False, rngs=nnx.Rngs(0))
+    report = load_hf_weights(model, folder)
+    assert report.unused == ["pooler.dense.bias", "pooler.dense.weight"]
+
+
+def test_config_presets_and_sources(tmp_path):
+    base = BertConfig.from_hf("bert-base-cased")  # no download: a preset
+    assert (base.vocab_size, base.hidden_size, base.num_hidden_layers) == (28996, 768, 12)
+    assert (base.intermediate_size, base.max_position_embeddings, base.layer_norm_eps) == (
+        3072,
+        512,
+        1e-12,
+    )
+    assert PRESETS["bert-base-uncased"].vocab_size == 30522
+    mini = BertConfig.from_hf("minilm")
+    assert (mini.hidden_size, mini.num_hidden_layers, mini.intermediate_size) == (384, 6, 1536)
+    assert BertConfig.from_hf(bundled_minilm_path()) == mini
+    assert BertConfig.from_hf(TINY.to_dict()) == TINY
+    with pytest.raises(UserError, match="cache"):
+        BertConfig.from_hf("signclip-jax-tests/no-such-model-7f3a")
+    with pytest.raises(UserError, match="missing BERT config"):
+        BertConfig.from_hf({"hidden_size": 8})
+    with pytest.raises(UserError, match="multiple"):
+        TINY.replace(num_attention_heads=5)
+
+
+EXPECTED_AXES = {
+    "embeddings.word_embeddings.weight": ("vocab", "embed"),
+    "embeddings.position_embeddings.weight": (None, "embed"),
+    "embeddings.token_type_embeddings.weight": (None, "embed"),
+    "embeddings.LayerNorm.weight": ("embed",),
+    "encoder.layer.0.attention.self.query.weight": ("embed", "heads"),
+    "encoder.layer.0.attention.self.value.bias": ("heads",),
+    "encoder.layer.0.attention.output.dense.weight": ("heads", "embed"),
+    "encoder.layer.0.attention.output.dense.bias": ("embed",),
+    "encoder.layer.0.intermediate.dense.weight": ("embed", "mlp"),
+    "encoder.layer.0.output.dense.weight": ("mlp", "embed"),
+    "encoder.layer.0.output.dense.bias": ("embed",),
+    "encoder.layer.0.output.LayerNorm.bias": ("embed",),
+    "pooler.dense.weight": ("embed", "embed_out"),
+}
+
+
+def test_logical_axes_metadata_survives_state_and_split():
+    model = BertModel(TINY, rngs=nnx.Rngs(0))
+    _, state = nnx.split(model)
+    for source in (nnx.state(model, nnx.Param), state):
+        seen = {}
+        for path, var in nnx.to_flat_state(source):
+            if not isinstance(var, nnx.Param):
+                continue
+            axes = var.get_metadata()["logical_axes"]
+            assert len(axes) == var.get_value().ndim, path
+            seen[hf_key(path)[0]] = tuple(axes)
+        for key, axes in EXPECTED_AXES.items():
+            assert seen[key] == axes, key
+
+
+@nnx.jit
+def forward(model, ids, mask):
+    return model(ids, mask)
+
+
+def loss(model, ids, mask):
+    return jnp.sum(model(ids, mask) ** 2)
+
+
+grad = nnx.jit(nnx.grad(loss))
+
+
+def test_dropout_train_eval_and_remat():
+    # one layer: XLA:CPU compiles of backward passes are slow (~2 s per layer here)
+    config = TINY.replace(
+        num_hidden_layers=1, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3
+    )
+    ids, mask = random_inputs(np.random.default_rng(2), 2, 11, TINY.vocab_size)
+    model = BertModel(config, rngs=nnx.Rngs(params=0, dropout=1))
+    eval_out = forward(model, ids, mask)  # created in eval mode: deterministic
+    np.testing.assert_array_equal(eval_out, forward(model, ids, mask))
+    model.train()
+    a, b = forward(model, ids, mask), forward(model, ids, mask)
+    assert not np.allclose(a, b) and not np.allclose(a, eval_out)
+    model.eval()
+    np.testing.assert_array_equal(forward(model, ids, mask), eval_out)
+
+    # Rematerialisation changes memory, not values: same dropout masks (same rng streams),
+    # same gradients, with dropout on (attention-probability dropout included) under jit.
+    plain = BertModel(config, rngs=nnx.Rngs(params=0, dropout=1))
+    remat = BertModel(config, remat=True, rngs=nnx.Rngs(params=0, dropout=1))
+    plain.train()
+    remat.train()
+    g1, g2 = grad(plain, ids, mask), grad(remat, ids, mask)
+    flat1, flat2 = nnx.to_flat_state(g1), nnx.to_flat_state(g2)
+    assert len(flat1) == len(param_items(plain))
+    for (p1, v1), (p2, v2) in zip(flat1, flat2, strict=True):
+        assert p1 == p2
+        assert np.isfinite(v1.get_value()).all()
+        np.testing.assert_allclose(v1.get_value(), v2.get_value(), atol=1e-5, rtol=1e-4)
