@@ -29,7 +29,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.video_layers = 12
     c.model.projection = "none"  # none | linear | linear_l2
     c.model.pose_dim = 609
-    c.model.max_frames = 256
     c.model.dtype = "float32"  # compute dtype; parameters are always float32
     c.model.remat = False
     c.model.attention = "xla"  # xla | cudnn | auto (jax.nn.dot_product_attention implementation)

@@ -199,3 +199,22 @@ def shard_batch(
 
 def _replicas_per_shard(mesh: Mesh, batch_axes: Sequence[str]) -> int:
     return mesh.size // num_batch_shards(mesh, batch_axes)
+
+
+def optimizer_shardings(tx, params, mesh: Mesh):
+    """Shardings of `tx.init(params)`: moments like their parameters, counters replicated.
+
+    `jax.jit(tx.init)` alone leaves every leaf on one device; this gives the placement to
+    pass as its `out_shardings` (and to the train step).
+    """
+    import optax
+
+    abstract = jax.eval_shape(tx.init, params)
+    param_sharding = jax.tree.map(lambda x: x.sharding, params)
+    return optax.tree_utils.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract,
+        param_sharding,
+        transform_non_params=lambda _: replicated(mesh),
+    )

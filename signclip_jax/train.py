@@ -1,0 +1,330 @@
+r"""Trains SignCLIP: `python -m signclip_jax.train --config=configs/demo.py --workdir=DIR`.
+
+Read top to bottom: set up -> mesh -> data -> model and optimiser -> shard -> train step ->
+restore -> loop (log, validate, checkpoint). Resumes automatically from DIR.
+
+Writes into DIR: config.json (resolved config), bert_config.json and tokenizer/ (what later
+commands need to rebuild the model offline), metrics.jsonl (one JSON object per line),
+TensorBoard events under tb/, checkpoints/STEP/ (Orbax).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py[:arg]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config go.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0 for a multi-process run (else from the env)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+log = logging.getLogger("signclip_jax.train")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from signclip_jax.errors import UserError
+
+    if _CONFIG.value is None or not _WORKDIR.value:
+        print("error: --config=CONFIG.py and --workdir=DIR are required", file=sys.stderr)
+        sys.exit(2)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the last logged metrics."""
+    # Imports here so that `--help` is fast and the distributed set-up runs before any
+    # JAX backend is touched.
+    from signclip_jax import distributed
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from signclip_jax import checkpoint as ckpt_lib
+    from signclip_jax import grad_cache, losses, optim, sharding
+    from signclip_jax.data import pipeline, sources, text
+    from signclip_jax.errors import UserError
+    from signclip_jax.model import signclip as signclip_model
+    from signclip_jax.train_utils import MetricWriter, Progress, validate
+
+    jax.config.update("jax_threefry_partitionable", True)
+
+    #### Set up: workdir, resolved config.
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+    log.setLevel(logging.INFO)
+    workdir = str(workdir)
+    local_workdir = "://" not in workdir
+    is_main = jax.process_index() == 0
+    if is_main:
+        if local_workdir:
+            os.makedirs(workdir, exist_ok=True)
+        config_json = json.loads(config.to_json_best_effort())
+        ckpt_lib.write_json_atomic(Path(workdir) / "config.json", config_json)
+
+    #### Mesh: the batch shards over the data and FSDP axes (never over a model axis).
+    mesh = sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
+    batch_axes = tuple(a for a in config.mesh.axes if a in ("data", "fsdp"))
+    n_procs = jax.process_count()
+    shards = sharding.num_batch_shards(mesh, batch_axes)
+    if config.batch_size % n_procs or config.batch_size % (shards * config.microbatches):
+        raise UserError(
+            f"batch_size {config.batch_size} must divide evenly over {n_procs} processes and "
+            f"{shards} batch shards x {config.microbatches} microbatches"
+        )
+    local_batch = config.batch_size // n_procs
+
+    #### Data.
+    text_model = text.resolve_text_model(config.model.text_model)
+    tokenizer = text.load_tokenizer(text_model)
+    train_source = sources.make_source(config.data, split="train", workdir=workdir)
+    val_source = sources.make_source(config.data, split="val", workdir=workdir)
+    steps_per_epoch = max(len(train_source) // config.batch_size, 1)  # drop_remainder batches
+    total_steps = config.total_steps or config.num_epochs * steps_per_epoch
+    train_iter = pipeline.make_train_iterator(
+        train_source,
+        config.data,
+        tokenizer=tokenizer,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=n_procs,
+        batch_size_per_process=local_batch,
+    )
+    log.info(
+        "train examples %d, val examples %d, %d steps (%d per epoch)",
+        len(train_source),
+        len(val_source),
+        total_steps,
+        steps_per_epoch,
+    )
+
+    #### Model and optimiser.
+    model = signclip_model.build_model(config, rngs=nnx.Rngs(config.seed, dropout=config.seed + 1))
+    if is_main:
+        ckpt_lib.write_json_atomic(Path(workdir) / "model_config.json", model.config_dict())
+        ckpt_lib.write_json_atomic(Path(workdir) / "bert_config.json", model.bert_config_dict())
+        if local_workdir:
+            tokenizer.save_pretrained(str(Path(workdir) / "tokenizer"))
+    tx, schedule = optim.make_optimizer(config.optimizer, max_bad_steps=config.max_bad_steps)
+
+    #### Shard: parameters by the rules in sharding.py; optimiser state follows them.
+    graphdef, model_params, model_rngs, model_rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    loss_params = losses.init_loss_params(config.loss.name, config.loss)
+    param_sharding = {
+        "model": sharding.param_shardings(model_params, mesh),
+        "loss": jax.tree.map(lambda _: sharding.replicated(mesh), loss_params),
+    }
+    params = jax.device_put({"model": model_params, "loss": loss_params}, param_sharding)
+    opt_sharding = sharding.optimizer_shardings(tx, params, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+    state = {
+        "params": params,
+        "opt": opt_state,
+        "step": jax.device_put(np.int32(0), sharding.replicated(mesh)),
+    }
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    batch_sharding = sharding.batch_sharding(mesh, batch_axes)
+    loss_fn = losses.make_loss_fn(config.loss.name, mesh, batch_axes)
+    base_rng = jax.random.key(config.seed)
+
+    #### Train step.
+    def embed_train(p, batch, rng):
+        # Dropout keys depend only on (seed, step, microbatch): a resumed run replays exactly.
+        m = nnx.merge(graphdef, p["model"], _fresh_rngs(model_rngs, rng), _copy(model_rest))
+        m.train()
+        return m(batch)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(base_rng, state["step"])
+        (loss, metrics), grads = grad_cache.accumulated_value_and_grad(
+            embed_train,
+            lambda pose_emb, text_emb, p: loss_fn(pose_emb, text_emb, p["loss"]),
+            state["params"],
+            batch,
+            config.microbatches,
+            rng=rng,
+        )
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "lr": schedule(state["step"]),
+            "grad_norm": optax.tree.norm(grads),
+            "skipped_steps": optim.skipped_steps(opt),
+        }
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt": opt,
+            "step": state["step"] + 1,
+        }
+        return new_state, metrics
+
+    train_step = jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+    def embed_eval(p, batch):
+        m = nnx.merge(graphdef, p["model"], _copy(model_rngs), _copy(model_rest))
+        m.eval()
+        return m(batch)
+
+    embed_eval = jax.jit(
+        embed_eval,
+        in_shardings=(param_sharding, batch_sharding),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+    #### Restore: resume from the workdir, else init_from, else the pretrained BERT.
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is not None:
+        params, train_state, _ = ckpt.restore(
+            start,
+            abstract_params=ckpt_lib.abstract_like(state["params"]),
+            abstract_train_state=ckpt_lib.abstract_like(
+                {"opt": state["opt"], "step": state["step"]}
+            ),
+            data_iterator=train_iter,
+        )
+        state = {"params": params, "opt": train_state["opt"], "step": train_state["step"]}
+        log.info("resumed from step %d", start)
+    else:
+        start = 0
+        if config.init_from:
+            step_dir = (
+                ckpt_lib.resolve_step_dir(checkpoint=config.init_from)
+                if (Path(config.init_from) / "params").exists()
+                else ckpt_lib.resolve_step_dir(config.init_from)
+            )
+            state["params"] = ckpt_lib.restore_params(
+                step_dir, ckpt_lib.abstract_like(state["params"])
+            )
+            log.info("initialised from %s", step_dir)
+        elif config.model.pretrained:
+            report = signclip_model.init_from_pretrained(model, text_model)
+            log.info("initialised both towers from %s: %s", config.model.text_model, report)
+            pretrained = nnx.state(model, nnx.Param)
+            state["params"]["model"] = jax.device_put(pretrained, param_sharding["model"])
+
+    #### Train loop: log, validate, checkpoint; SIGTERM/SIGINT -> save and exit.
+    writer = MetricWriter(workdir, enabled=is_main)
+    progress = Progress(total_steps, config.batch_size, start_step=start)
+    last: dict[str, Any] = {}
+    step = start
+    with ckpt_lib.PreemptionGuard() as guard:
+        while step < total_steps:
+            batch = sharding.shard_batch(next(train_iter), mesh, batch_axes)
+            state, metrics = train_step(state, batch)
+            step += 1
+            if step % config.log_every_steps == 0 or step == total_steps:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last.update(pipeline.bad_example_stats(train_iter))
+                last["epoch"] = step / steps_per_epoch
+                writer.write(step, last, prefix="train")
+                progress.update(step, last)
+            val_metrics = None
+            if step % config.eval_every_steps == 0 or step == total_steps:
+                val_metrics = validate(
+                    embed_eval,
+                    state["params"],
+                    val_source,
+                    config.data,
+                    tokenizer=tokenizer,
+                    loss_name=config.loss.name,
+                    batch_size=config.batch_size,
+                    mesh=mesh,
+                    batch_axes=batch_axes,
+                )
+                writer.write(step, val_metrics, prefix="val")
+                progress.note(step, val_metrics)
+            signal_name = guard.requested
+            stop = _agree(signal_name is not None)
+            if stop:
+                log.warning("stop requested (%s): saving step %d", signal_name, step)
+            if stop or step % config.checkpoint_every_steps == 0 or step == total_steps:
+                ckpt.save(
+                    step,
+                    params=state["params"],
+                    train_state={"opt": state["opt"], "step": state["step"]},
+                    data_iterator=train_iter,
+                    meta={
+                        "epoch": step / steps_per_epoch,
+                        **pipeline.bad_example_stats(train_iter),
+                    },
+                    metrics={f"val/{k}": v for k, v in (val_metrics or {}).items()} or None,
+                    force=True,
+                )
+            if stop:
+                break
+    ckpt.close()
+    writer.close()
+    if last:
+        last["step"] = step
+    return last
+
+
+def _fresh_rngs(rng_state, key):
+    """The model's RNG streams with key i = fold_in(key, i) and counts reset.
+
+    Built inside the traced step: NNX refuses to mutate variables created outside it.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    leaves, treedef = jax.tree.flatten(rng_state)
+    fresh = [
+        jax.random.fold_in(key, i)
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+        else jnp.zeros_like(x)
+        for i, x in enumerate(leaves)
+    ]
+    return jax.tree.unflatten(treedef, fresh)
+
+
+def _copy(state):
+    import jax
+
+    return jax.tree.map(lambda x: x, state)
+
+
+def _agree(flag: bool) -> bool:
+    """True on every process if it is True on any (a preempted worker stops them all)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
