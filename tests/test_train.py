@@ -57,7 +57,7 @@ def _metrics(workdir: Path):
 
 
 class _StopAfter:
-    """Stands in for PreemptionGuard: reports a SIGTERM once `n` steps have been polled."""
+    """Stands in for PreemptionGuard: reports a SIGTERM from poll n+1 on (polled once per step)."""
 
     def __init__(self, n):
         self.n = n
@@ -97,7 +97,7 @@ def test_train_writes_workdir_and_resumes_exactly(tmp_path, synthetic_dir, monke
 
     # Stopped by a signal after 2 steps, then resumed: same parameters, bit for bit.
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(ckpt_lib, "PreemptionGuard", lambda: _StopAfter(2))
+    monkeypatch.setattr(ckpt_lib, "PreemptionGuard", lambda: _StopAfter(1))
     first = train_lib.train(_tiny_config(synthetic_dir), str(resumed))
     assert first["step"] == 2
     assert ckpt_lib.Checkpointer(resumed).all_steps() == [2]
