@@ -66,7 +66,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     from signclip_jax.data import pipeline, sources, text
     from signclip_jax.errors import UserError
     from signclip_jax.model import signclip as signclip_model
-    from signclip_jax.train_utils import MetricWriter, Progress, validate
+    from signclip_jax.train_utils import MetricWriter, Progress, model_inputs, validate
 
     jax.config.update("jax_threefry_partitionable", True)
 
@@ -236,7 +236,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     step = start
     with ckpt_lib.PreemptionGuard() as guard:
         while step < total_steps:
-            batch = sharding.shard_batch(next(train_iter), mesh, batch_axes)
+            batch = sharding.shard_batch(model_inputs(next(train_iter)), mesh, batch_axes)
             state, metrics = train_step(state, batch)
             step += 1
             if step % config.log_every_steps == 0 or step == total_steps:

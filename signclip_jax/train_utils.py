@@ -105,6 +105,28 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+MODEL_INPUTS = ("pose", "pose_mask", "text_ids", "text_mask")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The arrays the model reads. With several processes, each process's length bucket
+    may differ: pad all to the longest so the global array has one frame length."""
+    import jax
+
+    batch = {k: batch[k] for k in MODEL_INPUTS}
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        from signclip_jax.data import pipeline
+
+        length = batch["pose"].shape[1]
+        longest = int(np.asarray(multihost_utils.process_allgather(np.int32(length))).max())
+        if longest != length:
+            batch = pipeline.pad_to_length(batch, longest)
+    return batch
+
+
 def validate(
     embed_fn: Callable,
     params: Any,
@@ -138,9 +160,7 @@ def validate(
         process_count=jax.process_count(),
     ):
         valid = np.asarray(batch["valid"])
-        arrays = {
-            k: v for k, v in batch.items() if k in ("pose", "pose_mask", "text_ids", "text_mask")
-        }
+        arrays = model_inputs(batch)
         pose_emb, text_emb = embed_fn(params, sharding.shard_batch(arrays, mesh, batch_axes))
         pose_emb, text_emb = np.asarray(pose_emb), np.asarray(text_emb)
         # Rows of this process come back in the global array in process order; keep the valid.

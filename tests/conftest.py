@@ -10,15 +10,17 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub downloads from tests, ever
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-from absl import flags  # noqa: E402
+import pytest
+from absl import flags
 
 flags.FLAGS.mark_as_parsed()
 
 SHARED_DATA = Path(
-    os.environ.get("SIGNCLIP_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+    os.environ.get(
+        "SIGNCLIP_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    )
 ).resolve()
 
 
