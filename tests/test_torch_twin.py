@@ -9,7 +9,6 @@ from flax import nnx
 
 from signclip_jax.data.text import encode_texts, load_tokenizer, render_prompt
 from signclip_jax.errors import DataError
-from signclip_jax.model.bert import BertConfig
 from signclip_jax.model.signclip import build_model, init_from_pretrained, to_state_dict
 from signclip_jax.torch_twin import (
     TorchSignCLIP,
@@ -17,16 +16,8 @@ from signclip_jax.torch_twin import (
     load_torch_state_dict,
     twin_from_jax,
 )
-from tests.model.test_signclip import expected_original_keys
+from tests.model.test_signclip import TINY_BERT, expected_original_keys
 
-TINY_BERT = BertConfig(
-    vocab_size=120,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=40,
-)
 MAX_DIFF = 1e-4  # pooled embeddings, fp32
 
 

@@ -315,15 +315,27 @@ class BertSelfAttention(nnx.Module):
         return ctx.reshape(b, s, self.num_heads * self.head_dim)
 
 
-class BertSelfOutput(nnx.Module):
+class BertResidualOutput(nnx.Module):
+    """Dense -> dropout -> residual add -> LayerNorm: HF's BertSelfOutput and BertOutput.
+
+    The two differ only in the input width and the dense kernel's logical axes.
+    """
+
     def __init__(
-        self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+        self,
+        config: BertConfig,
+        in_features: int,
+        axes: tuple[str, str],
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
     ):
         h = config.hidden_size
         self.dense = Dense(
+            in_features,
             h,
-            h,
-            axes=("heads", "embed"),
+            axes=axes,
             bias_axes=("embed",),
             std=config.initializer_range,
             dtype=dtype,
@@ -352,7 +364,7 @@ class BertAttention(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # HF names this submodule "self" (key ...attention.self.query.weight).
         self.self = BertSelfAttention(config, attention=attention, **kw)
-        self.output = BertSelfOutput(config, **kw)
+        self.output = BertResidualOutput(config, config.hidden_size, ("heads", "embed"), **kw)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         return self.output(self.self(x, mask), x)
@@ -377,28 +389,6 @@ class BertIntermediate(nnx.Module):
         return _ACTIVATIONS[self.act](self.dense(x))
 
 
-class BertOutput(nnx.Module):
-    def __init__(
-        self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
-    ):
-        self.dense = Dense(
-            config.intermediate_size,
-            config.hidden_size,
-            axes=("mlp", "embed"),
-            std=config.initializer_range,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        self.LayerNorm = LayerNorm(
-            config.hidden_size, eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype
-        )
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, deterministic=True, rngs=rngs)
-
-    def __call__(self, h: jax.Array, residual: jax.Array) -> jax.Array:
-        return self.LayerNorm(self.dropout(self.dense(h)).astype(jnp.float32) + residual)
-
-
 class BertLayer(nnx.Module):
     """Post-LN transformer layer: attention -> add & norm -> FFN -> add & norm."""
 
@@ -414,7 +404,7 @@ class BertLayer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention = BertAttention(config, attention=attention, **kw)
         self.intermediate = BertIntermediate(config, **kw)
-        self.output = BertOutput(config, **kw)
+        self.output = BertResidualOutput(config, config.intermediate_size, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """x [B, S, H], mask [B, S] bool -> [B, S, H]."""
