@@ -300,3 +300,56 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     tmp = Path(f"{path}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+class WorkdirLock:
+    """Refuses a second trainer in the same local workdir (`workdir/train.lock`).
+
+    Two runs writing one workdir corrupt each other's checkpoints and metrics. The lock holds
+    the owner's pid; a lock whose process is gone (killed run) is taken over. Object-store
+    workdirs (gs://) are not locked: there, one job per workdir is the launcher's job.
+    """
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = None if "://" in str(workdir) else Path(workdir) / "train.lock"
+
+    def __enter__(self) -> WorkdirLock:
+        if self.path is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = _read_pid(self.path)
+                if owner is not None and owner != os.getpid() and _pid_alive(owner):
+                    raise UserError(
+                        f"{self.path.parent} is in use by another training process (pid {owner}); "
+                        f"stop it or use another --workdir"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None and _read_pid(self.path) == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

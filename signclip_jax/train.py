@@ -50,12 +50,24 @@ def main(argv: list[str]) -> None:
 
 def train(config, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) training; returns the last logged metrics."""
-    # Imports here so that `--help` is fast and the distributed set-up runs before any
-    # JAX backend is touched.
+    # Before anything touches a JAX backend: multi-process set-up when the environment says so.
     from signclip_jax import distributed
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
+    import contextlib
+
+    import jax
+
+    from signclip_jax import checkpoint as ckpt_lib
+
+    # Process 0 owns the workdir; the other hosts of a multi-process run share it.
+    lock = ckpt_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict[str, Any]:
     import jax
     import numpy as np
     import optax

@@ -118,3 +118,22 @@ def test_write_json_atomic(tmp_path):
     ckpt_lib.write_json_atomic(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_workdir_lock_refuses_a_second_trainer_and_takes_over_stale_locks(tmp_path):
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "train.lock").write_text(str(other.pid))
+        with pytest.raises(UserError, match=f"pid {other.pid}"):
+            with ckpt_lib.WorkdirLock(tmp_path):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+    # The owner is gone now: the lock is stale and is taken over, then released.
+    with ckpt_lib.WorkdirLock(tmp_path):
+        assert (tmp_path / "train.lock").read_text() == str(os.getpid())
+    assert not (tmp_path / "train.lock").exists()
