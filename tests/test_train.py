@@ -129,3 +129,32 @@ def test_batch_not_divisible_is_a_clear_error(tmp_path, synthetic_dir):
     config.batch_size = 12  # 8 devices
     with pytest.raises(UserError, match="batch_size 12"):
         train_lib.train(config, str(tmp_path / "w"))
+
+
+def _run_cli(*args, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "signclip_jax.train", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("hub_model", ["bert-base-cased", "no-such-org/no-such-bert"])
+def test_cli_hub_model_offline_is_one_clear_error(tmp_path, hub_model):
+    result = _run_cli(
+        "--config=configs/spreadthesign.py:runlocal",
+        f"--workdir={tmp_path / 'w'}",
+        f"--config.model.text_model={hub_model}",
+    )
+    assert result.returncode == 2
+    assert hub_model in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_requires_workdir():
+    result = _run_cli("--config=configs/demo.py")
+    assert result.returncode == 2 and "--workdir" in result.stderr
