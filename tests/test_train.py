@@ -80,9 +80,17 @@ def synthetic_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
 
 
-def test_train_writes_workdir_and_resumes_exactly(tmp_path, synthetic_dir, monkeypatch):
-    straight = tmp_path / "straight"
-    last = train_lib.train(_tiny_config(synthetic_dir), str(straight))
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, synthetic_dir):
+    """An uninterrupted 4-step run on the 8-device mesh: (workdir, last metrics)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    return workdir, train_lib.train(_tiny_config(synthetic_dir), str(workdir))
+
+
+def test_train_writes_workdir_and_resumes_exactly(
+    tmp_path, synthetic_dir, straight_run, monkeypatch
+):
+    straight, last = straight_run
     assert last["step"] == 4 and np.isfinite(last["loss"])
 
     for name in ("config.json", "bert_config.json", "model_config.json", "metrics.jsonl"):
@@ -158,3 +166,45 @@ def test_cli_hub_model_offline_is_one_clear_error(tmp_path, hub_model):
 def test_cli_requires_workdir():
     result = _run_cli("--config=configs/demo.py")
     assert result.returncode == 2 and "--workdir" in result.stderr
+
+
+_ONE_DEVICE_RUN = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests.test_train import _tiny_config
+from signclip_jax import train
+train.train(_tiny_config(Path({synthetic!r})), {workdir!r})
+"""
+
+
+def test_one_device_matches_eight_devices(tmp_path, synthetic_dir, straight_run):
+    """Same seed, same data: the loss trajectory on 1 device equals the 8-device one."""
+    import os
+    import subprocess
+    import sys
+
+    eight, _ = straight_run
+    one = tmp_path / "one"
+    code = _ONE_DEVICE_RUN.format(root=str(ROOT), synthetic=str(synthetic_dir), workdir=str(one))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(workdir):
+        return [
+            (r["step"], r["loss"]) for r in _metrics(workdir) if r.get("split") in ("train", "val")
+        ]
+
+    a, b = losses(eight), losses(one)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    diff = np.abs(np.array([v for _, v in a]) - np.array([v for _, v in b]))
+    print(f"1 vs 8 devices, max |d loss| over {len(a)} logged losses: {diff.max():.3g}")
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-5, atol=1e-5)
