@@ -256,7 +256,8 @@ def _train(config, workdir: str) -> dict[str, Any]:
                 last.update(pipeline.bad_example_stats(train_iter))
                 last["epoch"] = step / steps_per_epoch
                 writer.write(step, last, prefix="train")
-                progress.update(step, last)
+                if is_main:
+                    progress.update(step, last)
             val_metrics = None
             if step % config.eval_every_steps == 0 or step == total_steps:
                 val_metrics = validate(
@@ -271,7 +272,8 @@ def _train(config, workdir: str) -> dict[str, Any]:
                     batch_axes=batch_axes,
                 )
                 writer.write(step, val_metrics, prefix="val")
-                progress.note(step, val_metrics)
+                if is_main:
+                    progress.note(step, val_metrics)
             signal_name = guard.requested
             stop = _agree(signal_name is not None)
             if stop:

@@ -168,43 +168,103 @@ def test_cli_requires_workdir():
     assert result.returncode == 2 and "--workdir" in result.stderr
 
 
-_ONE_DEVICE_RUN = """
+_RUN = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={devices}"
 from absl import flags
 flags.FLAGS.mark_as_parsed()
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.test_train import _tiny_config
 from signclip_jax import train
-train.train(_tiny_config(Path({synthetic!r})), {workdir!r})
+config = _tiny_config(Path({synthetic!r}))
+if {no_dropout}:
+    config.model.hidden_dropout = 0.0
+    config.model.attention_dropout = 0.0
+train.train(config, {workdir!r})
 """
+
+
+def _run_code(synthetic_dir, workdir, *, devices, no_dropout=False):
+    return _RUN.format(
+        root=str(ROOT), synthetic=str(synthetic_dir), workdir=str(workdir), devices=devices,
+        no_dropout=no_dropout,
+    )  # fmt: skip
+
+
+def _logged_losses(workdir):
+    return [(r["step"], r["loss"]) for r in _metrics(workdir) if r.get("split") in ("train", "val")]
+
+
+def _subprocess_env(**extra):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
+    env.pop("XLA_FLAGS", None)
+    return env
 
 
 def test_one_device_matches_eight_devices(tmp_path, synthetic_dir, straight_run):
     """Same seed, same data: the loss trajectory on 1 device equals the 8-device one."""
-    import os
     import subprocess
     import sys
 
     eight, _ = straight_run
     one = tmp_path / "one"
-    code = _ONE_DEVICE_RUN.format(root=str(ROOT), synthetic=str(synthetic_dir), workdir=str(one))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("XLA_FLAGS", None)
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
+        [sys.executable, "-c", _run_code(synthetic_dir, one, devices=1)],
+        cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-
-    def losses(workdir):
-        return [
-            (r["step"], r["loss"]) for r in _metrics(workdir) if r.get("split") in ("train", "val")
-        ]
-
-    a, b = losses(eight), losses(one)
+    a, b = _logged_losses(eight), _logged_losses(one)
     assert [s for s, _ in a] == [s for s, _ in b]
     diff = np.abs(np.array([v for _, v in a]) - np.array([v for _, v in b]))
     print(f"1 vs 8 devices, max |d loss| over {len(a)} logged losses: {diff.max():.3g}")
     np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-5, atol=1e-5)
+
+
+def test_two_processes_match_one_process(tmp_path, synthetic_dir):
+    """2 processes x 4 CPU devices on loopback (gloo) == 1 process x 8 devices.
+
+    Dropout is off: each process reads every other example of the shuffled stream, so the
+    global batch holds the same examples in another row order; the loss does not depend on
+    row order, but dropout masks do.
+    """
+    import subprocess
+    import sys
+
+    import portpicker
+
+    single = tmp_path / "single"
+    result = subprocess.run(
+        [sys.executable, "-c", _run_code(synthetic_dir, single, devices=8, no_dropout=True)],
+        cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    port = portpicker.pick_unused_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _run_code(synthetic_dir, multi, devices=4, no_dropout=True)],
+            cwd=ROOT,
+            env=_subprocess_env(
+                SIGNCLIP_COORDINATOR=f"127.0.0.1:{port}",
+                SIGNCLIP_NUM_PROCESSES="2",
+                SIGNCLIP_PROCESS_ID=str(pid),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    a, b = _logged_losses(single), _logged_losses(multi)
+    assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 3
+    diff = np.abs(np.array([v for _, v in a]) - np.array([v for _, v in b]))
+    print(f"2 processes vs 1, max |d loss| over {len(a)} logged losses: {diff.max():.3g}")
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-5, atol=1e-5)
+    assert ckpt_lib.Checkpointer(multi).all_steps() == [2, 4]
