@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -88,7 +89,7 @@ class Checkpointer:
             item_handlers={
                 "params": ocp.StandardCheckpointHandler(),
                 "train": ocp.StandardCheckpointHandler(),
-                "data": _data_handler(),
+                "data": grain.checkpoint.CheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
@@ -152,7 +153,7 @@ class Checkpointer:
             "meta": ocp.args.JsonSave(meta),
         }
         if data_iterator is not None:
-            items["data"] = _data_save_args(data_iterator)
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         saved = self._manager.save(
             int(step),
             args=ocp.args.Composite(**items),
@@ -181,7 +182,7 @@ class Checkpointer:
         }
         has_data = (self.step_dir(step) / "data").exists()
         if data_iterator is not None and has_data:
-            items["data"] = _data_restore_args(data_iterator)
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
         return restored.params, restored.train, dict(restored.meta or {})
 
@@ -198,24 +199,6 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _data_handler():
-    import grain
-
-    return grain.checkpoint.CheckpointHandler()
-
-
-def _data_save_args(iterator):
-    import grain
-
-    return grain.checkpoint.CheckpointSave(iterator)
-
-
-def _data_restore_args(iterator):
-    import grain
-
-    return grain.checkpoint.CheckpointRestore(iterator)
 
 
 def resolve_step_dir(

@@ -167,7 +167,7 @@ def validate(
         valid_all = _gather_valid(valid)
         pose_parts.append(pose_emb[valid_all])
         text_parts.append(text_emb[valid_all])
-        texts.extend(_gather_texts(batch["prompt"], valid))
+        texts.extend(t for t, v in zip(_gather_texts(batch["prompt"]), valid_all) if v)
     if not pose_parts:
         return {}
     pose_all = np.concatenate(pose_parts)
@@ -192,12 +192,13 @@ def _gather_valid(valid: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(valid, tiled=True))
 
 
-def _gather_texts(prompts, valid: np.ndarray) -> list[str]:
+def _gather_texts(prompts) -> list[str]:
+    """Every process's prompts of this batch, in process order (the global batch's rows)."""
     import jax
     from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
-        return [str(p) for p, v in zip(prompts, valid) if v]
+        return [str(p) for p in prompts]
     # Strings cannot be all-gathered directly: gather UTF-8 bytes padded to a common length.
     encoded = [str(p).encode() for p in prompts]
     width = int(
@@ -207,5 +208,4 @@ def _gather_texts(prompts, valid: np.ndarray) -> list[str]:
     for i, e in enumerate(encoded):
         buf[i, : len(e)] = np.frombuffer(e, np.uint8)
     allbuf = np.asarray(multihost_utils.process_allgather(buf, tiled=True))
-    allvalid = np.asarray(multihost_utils.process_allgather(valid, tiled=True))
-    return [bytes(row).rstrip(b"\0").decode() for row, v in zip(allbuf, allvalid) if v]
+    return [bytes(row).rstrip(b"\0").decode() for row in allbuf]
