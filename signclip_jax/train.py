@@ -337,6 +337,9 @@ def _agree(flag: bool) -> bool:
 
 
 def run() -> None:
+    # absl exits with status 1 after --help; the CLI contract is 0 for a successful request.
+    if any(a in ("--help", "-h", "-?", "--helpshort") for a in sys.argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     app.run(main)
 
 

@@ -163,6 +163,12 @@ def test_cli_hub_model_offline_is_one_clear_error(tmp_path, hub_model):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_help_explains_and_succeeds():
+    result = _run_cli("--help")
+    assert result.returncode == 0
+    assert "--workdir" in result.stdout and "Trains SignCLIP" in result.stdout
+
+
 def test_cli_requires_workdir():
     result = _run_cli("--config=configs/demo.py")
     assert result.returncode == 2 and "--workdir" in result.stderr
