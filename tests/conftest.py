@@ -43,3 +43,19 @@ def shared_pose(shared_data):
         return path
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory) -> Path:
+    """A workdir trained for 4 steps with `tests.helpers.tiny_config` (8-device CPU mesh):
+    config.json, model_config.json, tokenizer/, checkpoints/{2,4}, metrics.jsonl.
+
+    Shared, read-only: tests that write must copy it first.
+    """
+    from signclip_jax import train as train_lib
+    from tests.helpers import tiny_config
+
+    workdir = tmp_path_factory.mktemp("tiny_workdir")
+    synthetic = tmp_path_factory.mktemp("tiny_synthetic")
+    train_lib.train(tiny_config(synthetic), str(workdir))
+    return workdir

@@ -5,7 +5,6 @@ A tiny random BERT (2 layers, width 32) replaces the MiniLM weights to keep comp
 the tokenizer is still the bundled MiniLM one. The mesh spans the 8 host CPU devices.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,30 +14,9 @@ import pytest
 from signclip_jax import checkpoint as ckpt_lib
 from signclip_jax import train as train_lib
 from signclip_jax.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, tiny_config
 
 pytestmark = pytest.mark.slow
-
-
-def _demo_config(arg: str = "tiny"):
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def _tiny_config(synthetic_dir: Path, total_steps: int = 4):
-    config = _demo_config()
-    config.total_steps = total_steps
-    config.model.pretrained = False
-    config.model.bert = dict(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512,
-    )  # fmt: skip
-    config.data.max_frames = 96
-    config.data.synthetic_dir = str(synthetic_dir)
-    return config
 
 
 def _params(workdir: Path, step: int):
@@ -84,7 +62,7 @@ def synthetic_dir(tmp_path_factory):
 def straight_run(tmp_path_factory, synthetic_dir):
     """An uninterrupted 4-step run on the 8-device mesh: (workdir, last metrics)."""
     workdir = tmp_path_factory.mktemp("straight")
-    return workdir, train_lib.train(_tiny_config(synthetic_dir), str(workdir))
+    return workdir, train_lib.train(tiny_config(synthetic_dir), str(workdir))
 
 
 def test_train_writes_workdir_and_resumes_exactly(
@@ -106,11 +84,11 @@ def test_train_writes_workdir_and_resumes_exactly(
     # Stopped by a signal after 2 steps, then resumed: same parameters, bit for bit.
     resumed = tmp_path / "resumed"
     monkeypatch.setattr(ckpt_lib, "PreemptionGuard", lambda: _StopAfter(1))
-    first = train_lib.train(_tiny_config(synthetic_dir), str(resumed))
+    first = train_lib.train(tiny_config(synthetic_dir), str(resumed))
     assert first["step"] == 2
     assert ckpt_lib.Checkpointer(resumed).all_steps() == [2]
     monkeypatch.undo()
-    train_lib.train(_tiny_config(synthetic_dir), str(resumed))
+    train_lib.train(tiny_config(synthetic_dir), str(resumed))
 
     a, b = _params(straight, 4), _params(resumed, 4)
     flat_a, flat_b = _flatten(a), _flatten(b)
@@ -133,7 +111,7 @@ def _flatten(tree, prefix=""):
 
 
 def test_batch_not_divisible_is_a_clear_error(tmp_path, synthetic_dir):
-    config = _tiny_config(synthetic_dir)
+    config = tiny_config(synthetic_dir)
     config.batch_size = 12  # 8 devices
     with pytest.raises(UserError, match="batch_size 12"):
         train_lib.train(config, str(tmp_path / "w"))
@@ -181,9 +159,9 @@ from absl import flags
 flags.FLAGS.mark_as_parsed()
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from tests.test_train import _tiny_config
+from tests.helpers import tiny_config
 from signclip_jax import train
-config = _tiny_config(Path({synthetic!r}))
+config = tiny_config(Path({synthetic!r}))
 if {no_dropout}:
     config.model.hidden_dropout = 0.0
     config.model.attention_dropout = 0.0
