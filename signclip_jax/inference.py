@@ -92,6 +92,29 @@ def load_tokenizer_for(workdir: epath.Path, config: ml_collections.ConfigDict):
     return text_lib.load_tokenizer(text_lib.resolve_text_model(config.model.text_model))
 
 
+def resolve_run_dir(
+    path: str | os.PathLike, *, which: str = "latest"
+) -> tuple[epath.Path, epath.Path]:
+    """(run directory, step directory) of a workdir or of one checkpoint step directory."""
+    path = epath.Path(path)
+    if (path / "params").exists():
+        return workdir_of(path), ckpt_lib.resolve_step_dir(checkpoint=path)
+    return path, ckpt_lib.resolve_step_dir(path, which=which)
+
+
+def read_model_config(
+    run_dir: str | os.PathLike, **overrides: Any
+) -> signclip_model.SignCLIPConfig:
+    """The SignCLIPConfig a run was trained with (model_config.json), with `overrides` of its
+    fields (e.g. dtype="bfloat16"; None values are ignored)."""
+    spec = read_json(epath.Path(run_dir) / MODEL_CONFIG_FILE)
+    spec.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return signclip_model.SignCLIPConfig.from_dict(spec)
+    except TypeError as e:
+        raise UserError(f"{epath.Path(run_dir) / MODEL_CONFIG_FILE}: {e}") from None
+
+
 def load_run(
     workdir: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -108,12 +131,7 @@ def load_run(
     step_dir = ckpt_lib.resolve_step_dir(workdir, checkpoint, which=which)
     run_dir = epath.Path(workdir) if workdir and not checkpoint else workdir_of(step_dir)
     config = ml_collections.ConfigDict(read_json(run_dir / CONFIG_FILE))
-    spec = read_json(run_dir / MODEL_CONFIG_FILE)
-    if dtype:
-        spec["dtype"] = dtype
-    if attention:
-        spec["attention"] = attention
-    mcfg = signclip_model.SignCLIPConfig.from_dict(spec)
+    mcfg = read_model_config(run_dir, dtype=dtype, attention=attention)
     tokenizer = load_tokenizer_for(run_dir, config)
 
     model = nnx.eval_shape(lambda: signclip_model.SignCLIP(mcfg, rngs=nnx.Rngs(0)))
@@ -284,4 +302,13 @@ class Embedder:
             self._text_fn(self._params, self._put(ids), self._put(mask)).block_until_ready()
 
 
-__all__ = ["Embedder", "Run", "load_run", "read_json", "row_buckets", "workdir_of"]
+__all__ = [
+    "Embedder",
+    "Run",
+    "load_run",
+    "read_json",
+    "read_model_config",
+    "resolve_run_dir",
+    "row_buckets",
+    "workdir_of",
+]

@@ -74,7 +74,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
     from flax import nnx
 
     from signclip_jax import checkpoint as ckpt_lib
-    from signclip_jax import grad_cache, losses, optim, sharding
+    from signclip_jax import grad_cache, inference, losses, optim, sharding
     from signclip_jax.data import pipeline, sources, text
     from signclip_jax.errors import UserError
     from signclip_jax.model import signclip as signclip_model
@@ -106,9 +106,16 @@ def _train(config, workdir: str) -> dict[str, Any]:
         )
     local_batch = config.batch_size // n_procs
 
+    #### Fine-tuning: the architecture and tokenizer come from the run named by init_from.
+    init_dir = init_step_dir = None
+    if config.init_from:
+        init_dir, init_step_dir = inference.resolve_run_dir(config.init_from)
+
     #### Data.
-    text_model = text.resolve_text_model(config.model.text_model)
-    tokenizer = text.load_tokenizer(text_model)
+    if init_dir is not None:
+        tokenizer = inference.load_tokenizer_for(init_dir, config)
+    else:
+        tokenizer = text.load_tokenizer(text.resolve_text_model(config.model.text_model))
     train_source = sources.make_source(config.data, split="train", workdir=workdir)
     val_source = sources.make_source(config.data, split="val", workdir=workdir)
     steps_per_epoch = max(len(train_source) // config.batch_size, 1)  # drop_remainder batches
@@ -131,13 +138,20 @@ def _train(config, workdir: str) -> dict[str, Any]:
     )
 
     #### Model and optimiser.
-    model = signclip_model.build_model(config, rngs=nnx.Rngs(config.seed, dropout=config.seed + 1))
+    if init_dir is not None:
+        mcfg = _finetune_model_config(config, init_dir)
+    else:
+        mcfg = signclip_model.model_config(config, tokenizer=tokenizer)
+    model = signclip_model.SignCLIP(mcfg, rngs=nnx.Rngs(config.seed, dropout=config.seed + 1))
     if is_main:
         ckpt_lib.write_json_atomic(Path(workdir) / "model_config.json", model.config_dict())
         ckpt_lib.write_json_atomic(Path(workdir) / "bert_config.json", model.bert_config_dict())
         if local_workdir:
             tokenizer.save_pretrained(str(Path(workdir) / "tokenizer"))
-    tx, schedule = optim.make_optimizer(config.optimizer, max_bad_steps=config.max_bad_steps)
+    opt_cfg = config.optimizer.copy_and_resolve_references()
+    if not opt_cfg.decay_steps:  # 0: decay over this run's own length
+        opt_cfg.decay_steps = total_steps
+    tx, schedule = optim.make_optimizer(opt_cfg, max_bad_steps=config.max_bad_steps)
 
     #### Shard: parameters by the rules in sharding.py; optimiser state follows them.
     graphdef, model_params, model_rngs, model_rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
@@ -225,17 +239,11 @@ def _train(config, workdir: str) -> dict[str, Any]:
         log.info("resumed from step %d", start)
     else:
         start = 0
-        if config.init_from:
-            step_dir = (
-                ckpt_lib.resolve_step_dir(checkpoint=config.init_from)
-                if (Path(config.init_from) / "params").exists()
-                else ckpt_lib.resolve_step_dir(config.init_from)
-            )
-            state["params"] = ckpt_lib.restore_params(
-                step_dir, ckpt_lib.abstract_like(state["params"])
-            )
-            log.info("initialised from %s", step_dir)
+        if init_step_dir is not None:
+            state["params"] = _restore_init(init_dir, init_step_dir, state["params"], config, mesh)
+            log.info("initialised from %s", init_step_dir)
         elif config.model.pretrained:
+            text_model = text.resolve_text_model(config.model.text_model)
             report = signclip_model.init_from_pretrained(model, text_model)
             log.info("initialised both towers from %s: %s", config.model.text_model, report)
             pretrained = nnx.state(model, nnx.Param)
@@ -298,6 +306,65 @@ def _train(config, workdir: str) -> dict[str, Any]:
     if last:
         last["step"] = step
     return last
+
+
+def _finetune_model_config(config, init_dir):
+    """The init_from run's architecture (model_config.json) with this config's compute
+    settings (dtype, remat, attention, dropout). The data must fit its max_frames."""
+    from signclip_jax import inference
+    from signclip_jax.errors import UserError
+
+    m = config.model
+    mcfg = inference.read_model_config(
+        init_dir, dtype=m.dtype, remat=m.remat, attention=m.attention
+    )
+    dropout = {
+        "hidden_dropout_prob": m.get("hidden_dropout"),
+        "attention_probs_dropout_prob": m.get("attention_dropout"),
+    }
+    dropout = {k: float(v) for k, v in dropout.items() if v is not None}
+    if dropout:
+        import dataclasses
+
+        mcfg = dataclasses.replace(mcfg, bert=mcfg.bert.replace(**dropout))
+    if config.data.max_frames > mcfg.max_frames:
+        raise UserError(
+            f"data.max_frames={config.data.max_frames} exceeds the max_frames={mcfg.max_frames} "
+            f"of the model in {init_dir} (init_from)"
+        )
+    if m.projection != mcfg.projection or m.video_layers != mcfg.video_layers:
+        log.warning(
+            "init_from %s: using its architecture (projection=%s, video_layers=%d) instead of "
+            "model.projection=%s, model.video_layers=%d",
+            init_dir, mcfg.projection, mcfg.video_layers, m.projection, m.video_layers,
+        )  # fmt: skip
+    return mcfg
+
+
+def _restore_init(init_dir, step_dir, params, config, mesh):
+    """params with the model part restored from `step_dir`; the loss scalars too when the
+    source run used the same loss, else they keep their fresh init."""
+    import jax
+
+    from signclip_jax import checkpoint as ckpt_lib
+    from signclip_jax import inference, losses, sharding
+
+    source = inference.read_json(init_dir / inference.CONFIG_FILE)
+    source_loss = (source.get("loss") or {}).get("name", "signclip")
+    loss_params = losses.init_loss_params(source_loss, source.get("loss") or {})
+    abstract = {
+        "model": ckpt_lib.abstract_like(params["model"]),
+        "loss": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+            loss_params,
+        ),
+    }
+    restored = ckpt_lib.restore_params(step_dir, abstract)
+    keep_loss = source_loss == config.loss.name
+    if not keep_loss:
+        log.info("init_from used loss %r: %r starts from its own init", source_loss,
+                 config.loss.name)  # fmt: skip
+    return {"model": restored["model"], "loss": restored["loss"] if keep_loss else params["loss"]}
 
 
 def _fresh_rngs(rng_state, key):

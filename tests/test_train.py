@@ -14,7 +14,7 @@ import pytest
 from signclip_jax import checkpoint as ckpt_lib
 from signclip_jax import train as train_lib
 from signclip_jax.errors import UserError
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import ROOT, load_config, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -59,10 +59,11 @@ def synthetic_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, synthetic_dir):
-    """An uninterrupted 4-step run on the 8-device mesh: (workdir, last metrics)."""
-    workdir = tmp_path_factory.mktemp("straight")
-    return workdir, train_lib.train(tiny_config(synthetic_dir), str(workdir))
+def straight_run(tiny_workdir):
+    """An uninterrupted 4-step run on the 8-device mesh (the shared `tiny_workdir`, same
+    config and same generated data as `synthetic_dir`): (workdir, last train metrics)."""
+    last = [r for r in _metrics(tiny_workdir) if r.get("split") == "train"][-1]
+    return tiny_workdir, last
 
 
 def test_train_writes_workdir_and_resumes_exactly(
@@ -252,3 +253,68 @@ def test_two_processes_match_one_process(tmp_path, synthetic_dir):
     print(f"2 processes vs 1, max |d loss| over {len(a)} logged losses: {diff.max():.3g}")
     np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-5, atol=1e-5)
     assert ckpt_lib.Checkpointer(multi).all_steps() == [2, 4]
+
+
+def _manifest_from(workdir: Path, path: Path) -> Path:
+    """A manifest CSV (pose, text, split) over the synthetic clips a tiny run trained on."""
+    import csv
+
+    config = json.loads((workdir / "config.json").read_text())
+    synthetic = Path(config["data"]["synthetic_dir"])
+    poses = sorted((synthetic / "poses").glob("*.pose"))
+    rows = list(csv.DictReader(next(synthetic.glob("*.csv")).open()))
+    text_of = {r["pose"]: r["text"] for r in rows if r["language"] == "en"}
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["pose", "text", "split"])
+        for i, p in enumerate(poses):
+            # Upper case plus a digit: the asl_citizen gloss clean-up undoes both.
+            writer.writerow(
+                [str(p), f"{text_of[p.name].upper()}{i % 3}", "val" if i % 4 == 0 else "train"]
+            )
+    return path
+
+
+def test_finetune_from_a_workdir(tmp_path, tiny_workdir):
+    """configs/finetune_islr.py: architecture, tokenizer and weights come from init_from."""
+    config = load_config("finetune_islr", "dataset=manifest,batch_size=8")
+    config.init_from = str(tiny_workdir)
+    config.total_steps = 2
+    config.eval_every_steps = 2
+    config.data.manifest = str(_manifest_from(tiny_workdir, tmp_path / "manifest.csv"))
+    config.data.workers = 0
+    config.data.gloss_style = "asl_citizen"
+    config.loss.name = "clip"  # the source used signclip: its loss scalars start fresh
+    config.optimizer.lr = 0.0  # so the fine-tuned weights must equal the source's
+
+    with pytest.raises(UserError, match="max_frames=256 exceeds"):
+        train_lib.train(config, str(tmp_path / "too_long"))
+    config.data.max_frames = 96
+    out = tmp_path / "ft"
+    train_lib.train(config, str(out))
+
+    source_spec = json.loads((tiny_workdir / "model_config.json").read_text())
+    assert json.loads((out / "model_config.json").read_text()) == source_spec
+    assert source_spec["video_layers"] != config.model.video_layers  # taken from the source
+    a, b = _flatten(_params(tiny_workdir, 4)["model"]), _flatten(_params(out, 2)["model"])
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert float(_params(out, 2)["loss"]["logit_scale"]) == pytest.approx(np.log(1 / 0.07))
+    val = [r for r in _metrics(out) if r.get("split") == "val"]
+    assert val and np.isfinite(val[-1]["loss"])
+
+
+def test_finetune_from_a_checkpoint_step_and_config_errors(tmp_path, tiny_workdir):
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        load_config("finetune_islr", "dataset=nope")
+    config = load_config("finetune_islr", "dataset=manifest,batch_size=8")
+    config.init_from = str(tmp_path / "missing")
+    config.data.manifest = str(_manifest_from(tiny_workdir, tmp_path / "manifest.csv"))
+    with pytest.raises(UserError, match="no checkpoints"):
+        train_lib.train(config, str(tmp_path / "ft"))
+    # A step directory works as init_from too (its workdir supplies config and tokenizer).
+    from signclip_jax import inference
+
+    run_dir, step_dir = inference.resolve_run_dir(tiny_workdir / "checkpoints" / "2")
+    assert run_dir == tiny_workdir and step_dir.name == "2"

@@ -72,6 +72,7 @@ class InputSettings:
     sign_language: str = "ase"  # defaults when a record has no language
     spoken_language: str = "en"
     signed_names: tuple[tuple[str, str], ...] = ()  # code -> name for {signed_name}
+    gloss_style: str = "none"  # ISLR gloss clean-up before the template (text.normalize_gloss)
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -136,7 +137,16 @@ def settings_from_config(config) -> InputSettings:
         sign_language=str(_cfg(data, "sign_language", "ase")),
         spoken_language=str(_cfg(data, "spoken_language", "en")),
         signed_names=tuple(sorted(dict(names).items())),
+        gloss_style=_gloss_style(str(_cfg(data, "gloss_style", "none"))),
     )
+
+
+def _gloss_style(style: str) -> str:
+    from signclip_jax.data.text import GLOSS_STYLES
+
+    if style not in GLOSS_STYLES:
+        raise UserError(f"data.gloss_style must be one of {GLOSS_STYLES}, got {style!r}")
+    return style
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,12 +265,15 @@ class _Prepare:
         return self._encode_cache(prompt)
 
     def prompt(self, record: dict[str, Any]) -> str:
-        from signclip_jax.data.text import render_prompt
+        from signclip_jax.data.text import normalize_gloss, render_prompt
 
         signed = record.get("sign_language") or self.settings.sign_language
+        text = record.get("text", "")
+        if self.settings.gloss_style != "none" and isinstance(text, str):
+            text = normalize_gloss(text, self.settings.gloss_style)
         return render_prompt(
             self.settings.prompt_template,
-            text=record.get("text", ""),
+            text=text,
             spoken=record.get("spoken_language") or self.settings.spoken_language,
             signed=signed,
             signed_name=self._names.get(signed, signed),

@@ -13,6 +13,7 @@ import concurrent.futures
 import logging
 import math
 import os
+import re
 import socket
 import string
 import urllib.parse
@@ -249,6 +250,27 @@ def _as_text(value) -> str:
     return str(value)
 
 
+GLOSS_STYLES = ("none", "asl_citizen", "sem_lex", "sem_lex_paper")
+
+
+def normalize_gloss(gloss: str, style: str = "none") -> str:
+    """ISLR gloss clean-up of the original (reference 2.3, `preprocess_gloss`).
+
+    asl_citizen: lower-case, then strip trailing digits ("HOUSE2" -> "house").
+    sem_lex: drop a trailing "_<digits>", then "_" -> " " ("ice_cream_2" -> "ice cream").
+    sem_lex_paper (paper-era code): strip trailing digits, then trailing "_", then "_" -> " ".
+    """
+    if style == "none":
+        return gloss
+    if style == "asl_citizen":
+        return gloss.lower().rstrip("0123456789")
+    if style == "sem_lex":
+        return re.sub(r"_\d+$", "", gloss).replace("_", " ")
+    if style == "sem_lex_paper":
+        return gloss.rstrip("0123456789").rstrip("_").replace("_", " ")
+    raise UserError(f"unknown gloss normalisation {style!r}; choose one of {GLOSS_STYLES}")
+
+
 def render_prompt(
     template: str, *, text, spoken: str = "en", signed: str = "ase", signed_name: str = ""
 ) -> str:
@@ -270,6 +292,7 @@ def render_prompt(
 
 
 __all__ = [
+    "GLOSS_STYLES",
     "PROMPT_TEMPLATES",
     "bundled_minilm_path",
     "encode_text",
@@ -279,6 +302,7 @@ __all__ = [
     "hub_offline",
     "is_local",
     "load_tokenizer",
+    "normalize_gloss",
     "render_prompt",
     "resolve_text_model",
 ]

@@ -147,3 +147,33 @@ def test_bad_local_folder(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match=str(tmp_path)):
         load_tokenizer(str(tmp_path))
+
+
+def test_normalize_gloss_as_the_original_islr_loaders():
+    from signclip_jax.data.text import normalize_gloss
+
+    assert normalize_gloss("HOUSE2", "asl_citizen") == "house"
+    assert normalize_gloss("Ice_Cream12", "asl_citizen") == "ice_cream"
+    assert normalize_gloss("ice_cream_2", "sem_lex") == "ice cream"
+    assert normalize_gloss("ice_cream2", "sem_lex") == "ice cream2"  # HEAD: only "_<digits>"
+    assert normalize_gloss("ice_cream_2", "sem_lex_paper") == "ice cream"
+    assert normalize_gloss("ice_cream2", "sem_lex_paper") == "ice cream"
+    assert normalize_gloss("HOUSE2", "none") == "HOUSE2"
+    with pytest.raises(UserError, match="unknown gloss"):
+        normalize_gloss("x", "bogus")
+
+
+def test_pipeline_prompts_use_the_gloss_style():
+    import ml_collections
+
+    from signclip_jax.data import pipeline
+
+    data = ml_collections.ConfigDict(
+        {"prompt_template": "isolated", "gloss_style": "asl_citizen", "max_frames": 8}
+    )
+    settings = pipeline.settings_from_config(data)
+    prep = pipeline._Prepare([], settings, None, seed=0, train=False)
+    assert prep.prompt({"text": "HOUSE2", "sign_language": "ase"}) == "<en> <ase> house"
+    data.gloss_style = "bogus"
+    with pytest.raises(UserError, match="gloss_style"):
+        pipeline.settings_from_config(data)
