@@ -69,12 +69,11 @@ def train(config, workdir: str) -> dict[str, Any]:
 
 def _train(config, workdir: str) -> dict[str, Any]:
     import jax
-    import numpy as np
-    import optax
     from flax import nnx
 
     from signclip_jax import checkpoint as ckpt_lib
-    from signclip_jax import grad_cache, inference, losses, optim, sharding
+    from signclip_jax import inference, sharding
+    from signclip_jax import train_step as train_step_lib
     from signclip_jax.data import pipeline, sources, text
     from signclip_jax.errors import UserError
     from signclip_jax.model import signclip as signclip_model
@@ -148,80 +147,12 @@ def _train(config, workdir: str) -> dict[str, Any]:
         ckpt_lib.write_json_atomic(Path(workdir) / "bert_config.json", model.bert_config_dict())
         if local_workdir:
             tokenizer.save_pretrained(str(Path(workdir) / "tokenizer"))
-    opt_cfg = config.optimizer.copy_and_resolve_references()
-    if not opt_cfg.decay_steps:  # 0: decay over this run's own length
-        opt_cfg.decay_steps = total_steps
-    tx, schedule = optim.make_optimizer(opt_cfg, max_bad_steps=config.max_bad_steps)
 
-    #### Shard: parameters by the rules in sharding.py; optimiser state follows them.
-    graphdef, model_params, model_rngs, model_rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    loss_params = losses.init_loss_params(config.loss.name, config.loss)
-    param_sharding = {
-        "model": sharding.param_shardings(model_params, mesh),
-        "loss": jax.tree.map(lambda _: sharding.replicated(mesh), loss_params),
-    }
-    params = jax.device_put({"model": model_params, "loss": loss_params}, param_sharding)
-    opt_sharding = sharding.optimizer_shardings(tx, params, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
-    state = {
-        "params": params,
-        "opt": opt_state,
-        "step": jax.device_put(np.int32(0), sharding.replicated(mesh)),
-    }
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    batch_sharding = sharding.batch_sharding(mesh, batch_axes)
-    loss_fn = losses.make_loss_fn(config.loss.name, mesh, batch_axes)
-    base_rng = jax.random.key(config.seed)
-
-    #### Train step.
-    def embed_train(p, batch, rng):
-        # Dropout keys depend only on (seed, step, microbatch): a resumed run replays exactly.
-        m = nnx.merge(graphdef, p["model"], _fresh_rngs(model_rngs, rng), _copy(model_rest))
-        m.train()
-        return m(batch)
-
-    def train_step(state, batch):
-        rng = jax.random.fold_in(base_rng, state["step"])
-        (loss, metrics), grads = grad_cache.accumulated_value_and_grad(
-            embed_train,
-            lambda pose_emb, text_emb, p: loss_fn(pose_emb, text_emb, p["loss"]),
-            state["params"],
-            batch,
-            config.microbatches,
-            rng=rng,
-        )
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        metrics = {
-            **metrics,
-            "loss": loss,
-            "lr": schedule(state["step"]),
-            "grad_norm": optax.tree.norm(grads),
-            "skipped_steps": optim.skipped_steps(opt),
-        }
-        new_state = {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt": opt,
-            "step": state["step"] + 1,
-        }
-        return new_state, metrics
-
-    train_step = jax.jit(
-        train_step,
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-
-    def embed_eval(p, batch):
-        m = nnx.merge(graphdef, p["model"], _copy(model_rngs), _copy(model_rest))
-        m.eval()
-        return m(batch)
-
-    embed_eval = jax.jit(
-        embed_eval,
-        in_shardings=(param_sharding, batch_sharding),
-        out_shardings=sharding.replicated(mesh),
-    )
+    #### Shard and step: parameters and optimiser state by the rules in sharding.py, one
+    # jitted update (train_step.py).
+    fns = train_step_lib.make_train_step(config, model, mesh, batch_axes, total_steps)
+    state, param_sharding = fns.state, fns.param_sharding
+    train_step, embed_eval = fns.step, fns.embed
 
     #### Restore: resume from the workdir, else init_from, else the pretrained BERT.
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -365,30 +296,6 @@ def _restore_init(init_dir, step_dir, params, config, mesh):
         log.info("init_from used loss %r: %r starts from its own init", source_loss,
                  config.loss.name)  # fmt: skip
     return {"model": restored["model"], "loss": restored["loss"] if keep_loss else params["loss"]}
-
-
-def _fresh_rngs(rng_state, key):
-    """The model's RNG streams with key i = fold_in(key, i) and counts reset.
-
-    Built inside the traced step: NNX refuses to mutate variables created outside it.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    leaves, treedef = jax.tree.flatten(rng_state)
-    fresh = [
-        jax.random.fold_in(key, i)
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-        else jnp.zeros_like(x)
-        for i, x in enumerate(leaves)
-    ]
-    return jax.tree.unflatten(treedef, fresh)
-
-
-def _copy(state):
-    import jax
-
-    return jax.tree.map(lambda x: x, state)
 
 
 def _agree(flag: bool) -> bool:
