@@ -7,6 +7,8 @@ gates it on an environment variable). It happens when any of these holds:
   (or the same as train flags). Used by the loopback tests and by hand-made launchers.
 - SLURM: more than one task in the job step (`SLURM_NTASKS` > 1); JAX reads the rest.
 - Cloud TPU pod slice: more than one worker in `TPU_WORKER_HOSTNAMES`; JAX reads the rest.
+  Only GKE sets that variable: TPU VMs made with gcloud publish the topology through GCE
+  metadata instead, so launch/tpu/worker_train.sh sets `SIGNCLIP_DISTRIBUTED=1`.
 - `SIGNCLIP_DISTRIBUTED=1`: let JAX auto-detect whatever cluster it is on.
 
 Must run before anything touches a JAX device.

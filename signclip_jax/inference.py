@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -84,12 +86,31 @@ def workdir_of(step_dir: str | os.PathLike) -> epath.Path:
     return epath.Path(step_dir).parent.parent
 
 
+def save_tokenizer(tokenizer, workdir: str | os.PathLike) -> None:
+    """Writes the tokenizer files to WORKDIR/tokenizer/ (local path or gs://), all or none."""
+    target = epath.Path(workdir) / TOKENIZER_DIR
+    with tempfile.TemporaryDirectory(prefix="scj-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        staging = epath.Path(f"{target}.tmp{os.getpid()}")
+        staging.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(tmp):
+            (staging / name).write_bytes(Path(tmp, name).read_bytes())
+        if target.exists():
+            target.rmtree()
+        staging.rename(target)
+
+
 def load_tokenizer_for(workdir: epath.Path, config: ml_collections.ConfigDict):
     """The tokenizer saved beside the checkpoints, else the config's text model (offline-safe)."""
-    saved = workdir / TOKENIZER_DIR
-    if saved.exists() and "://" not in str(saved):
+    saved = epath.Path(workdir) / TOKENIZER_DIR
+    if not saved.exists():
+        return text_lib.load_tokenizer(text_lib.resolve_text_model(config.model.text_model))
+    if "://" not in str(saved):
         return text_lib.load_tokenizer(str(saved))
-    return text_lib.load_tokenizer(text_lib.resolve_text_model(config.model.text_model))
+    with tempfile.TemporaryDirectory(prefix="scj-tok-") as tmp:  # remote: fetch the files
+        for f in saved.iterdir():
+            Path(tmp, f.name).write_bytes(f.read_bytes())
+        return text_lib.load_tokenizer(tmp)
 
 
 def resolve_run_dir(
@@ -310,5 +331,6 @@ __all__ = [
     "read_model_config",
     "resolve_run_dir",
     "row_buckets",
+    "save_tokenizer",
     "workdir_of",
 ]

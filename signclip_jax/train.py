@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from absl import app, flags
@@ -69,6 +68,7 @@ def train(config, workdir: str) -> dict[str, Any]:
 
 def _train(config, workdir: str) -> dict[str, Any]:
     import jax
+    from etils import epath
     from flax import nnx
 
     from signclip_jax import checkpoint as ckpt_lib
@@ -91,7 +91,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
         if local_workdir:
             os.makedirs(workdir, exist_ok=True)
         config_json = json.loads(config.to_json_best_effort())
-        ckpt_lib.write_json_atomic(Path(workdir) / "config.json", config_json)
+        ckpt_lib.write_json_atomic(epath.Path(workdir) / "config.json", config_json)
 
     #### Mesh: the batch shards over the data and FSDP axes (never over a model axis).
     mesh = sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
@@ -143,10 +143,10 @@ def _train(config, workdir: str) -> dict[str, Any]:
         mcfg = signclip_model.model_config(config, tokenizer=tokenizer)
     model = signclip_model.SignCLIP(mcfg, rngs=nnx.Rngs(config.seed, dropout=config.seed + 1))
     if is_main:
-        ckpt_lib.write_json_atomic(Path(workdir) / "model_config.json", model.config_dict())
-        ckpt_lib.write_json_atomic(Path(workdir) / "bert_config.json", model.bert_config_dict())
-        if local_workdir:
-            tokenizer.save_pretrained(str(Path(workdir) / "tokenizer"))
+        run_dir = epath.Path(workdir)
+        ckpt_lib.write_json_atomic(run_dir / "model_config.json", model.config_dict())
+        ckpt_lib.write_json_atomic(run_dir / "bert_config.json", model.bert_config_dict())
+        inference.save_tokenizer(tokenizer, run_dir)
 
     #### Shard and step: parameters and optimiser state by the rules in sharding.py, one
     # jitted update (train_step.py).

@@ -801,9 +801,10 @@ def make_source(config, *, split: str | None = None, workdir: str | None = None)
 
     data.source: spreadthesign (csv_path, pose_dir, split_dir, split_seed, val_fraction,
     test_fraction, languages) | manifest (manifest) | tfds (tfds_name, data_dir, pose_header)
-    | sld (tfds_name, data_dir) | packed (shards) | synthetic (synthetic_dir, synthetic_signs,
-    synthetic_signers, synthetic_seed, synthetic_sign_languages; generated there when absent,
-    default folder `workdir/synthetic_data`, then read as spreadthesign). `split` defaults to
+    | sld (tfds_name, data_dir) | packed (shards; a "{split}" in it becomes the split name)
+    | synthetic (synthetic_dir, synthetic_signs, synthetic_signers, synthetic_seed,
+    synthetic_sign_languages; generated there when absent, default folder
+    `workdir/synthetic_data`, then read as spreadthesign). `split` defaults to
     data.split, else "train".
     """
     data = config.data if hasattr(config, "data") else config
@@ -847,7 +848,13 @@ def make_source(config, *, split: str | None = None, workdir: str | None = None)
     if kind == "manifest":
         return ManifestSource(need("manifest"), split=None if split == "all" else split)
     if kind == "packed":
-        return PackedSource(need("shards"))
+        # "packed/{split}" names one folder per split (prepare each split separately).
+        shards = need("shards")
+        if "{split}" in shards:
+            return PackedSource(shards.replace("{split}", split))
+        if split != "train":
+            log.warning("data.shards has no {split} placeholder: split %r reads %s", split, shards)
+        return PackedSource(shards)
     if kind == "tfds":
         return TfdsSource(
             need("tfds_name"),

@@ -268,6 +268,13 @@ def test_packed_roundtrip(synth, tmp_path, dtype):
             assert record[key] == src[i][key]
     via_config = sources.make_source(_data(source="packed", shards=str(tmp_path / "p")))
     assert len(via_config) == len(packed)
+    # One folder per split: "{split}" in data.shards names it.
+    pack(sources.SpreadthesignSource(csv_path, pose_dir, split="all"), tmp_path / "val",
+         spec=spec, dtype=dtype, shard_size=100)  # fmt: skip
+    per_split = _data(source="packed", shards=str(tmp_path / "{split}"))
+    with pytest.raises(DataError, match=r"no packed shards found at .*train"):
+        sources.make_source(per_split, split="train")  # tmp_path/train does not exist
+    assert len(sources.make_source(per_split, split="val")) == len(src)
     again = pickle.loads(pickle.dumps(packed))
     assert again[3]["id"] == packed[3]["id"]
     # Glob and list forms read the same records.
