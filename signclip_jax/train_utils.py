@@ -147,8 +147,9 @@ def validate(
     """
     import jax
 
-    from signclip_jax import losses, metrics, sharding
+    from signclip_jax import losses, sharding
     from signclip_jax.data import pipeline
+    from signclip_jax.evaluate import evaluate_retrieval
 
     pose_parts, text_parts, texts = [], [], []
     for batch in pipeline.make_eval_batches(
@@ -178,8 +179,8 @@ def validate(
         if len(pe) > 1:
             chunk_losses.append(float(losses.reference_loss(loss_name, pe, te, params["loss"])))
     out = {"loss": float(np.mean(chunk_losses)) if chunk_losses else float("nan")}
-    out.update(metrics.retrieval_metrics(pose_all, text_all, texts))
-    out["examples"] = float(len(pose_all))
+    # Block-wise scores (no [N, N] matrix), the same numbers `evaluate` reports.
+    out.update(evaluate_retrieval(pose_all, text_all, texts, standard=False))
     return out
 
 
