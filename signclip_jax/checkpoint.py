@@ -75,7 +75,7 @@ class Checkpointer:
     ):
         if best_mode not in ("min", "max"):
             raise UserError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-        self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self.directory = as_path(workdir) / CHECKPOINT_DIR
         self.best_metric = best_metric
         self.best_mode = best_mode
         options = ocp.CheckpointManagerOptions(
@@ -201,6 +201,13 @@ class Checkpointer:
         self.close()
 
 
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """epath of a local path (made absolute: Orbax refuses relative ones) or a gs:// URL."""
+    if "://" in str(path):
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(os.fspath(path)))
+
+
 def resolve_step_dir(
     workdir: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -209,13 +216,13 @@ def resolve_step_dir(
 ) -> epath.Path:
     """The step directory to read for `--workdir` (latest or best) or `--checkpoint=STEP_DIR`."""
     if checkpoint:
-        path = epath.Path(checkpoint)
+        path = as_path(checkpoint)
         if not (path / "params").exists():
             raise UserError(f"{path} is not a checkpoint step directory (no params/ inside)")
         return path
     if not workdir:
         raise UserError("give --workdir=DIR or --checkpoint=STEP_DIR")
-    directory = epath.Path(workdir) / CHECKPOINT_DIR
+    directory = as_path(workdir) / CHECKPOINT_DIR
     if not directory.exists():
         raise UserError(f"no checkpoints in {workdir} (expected {directory})")
     ckpt = Checkpointer(workdir, async_save=False)
@@ -232,7 +239,7 @@ def resolve_step_dir(
 
 def restore_params(step_dir: str | os.PathLike, abstract_params: Any) -> Any:
     """Reads only the parameters of one step directory (evaluate, embed, serve, convert)."""
-    path = epath.Path(step_dir) / "params"
+    path = as_path(step_dir) / "params"
     if not path.exists():
         raise UserError(f"{step_dir} has no params/ checkpoint")
     with ocp.StandardCheckpointer() as checkpointer:

@@ -6,17 +6,43 @@
 for projection variants. It needs only torch, transformers and numpy: a release can ship it
 without JAX. The JAX <-> torch copies (`jax_to_torch_state_dict`, `load_torch_state_dict`)
 import JAX lazily.
+
+Release folders (`python -m signclip_jax.convert to-pytorch --format=hf`, or
+`TorchSignCLIP.save_pretrained`): `model.safetensors` (the original state_dict keys, no
+`mmmodel.` prefix), `config.json` (format tag and version, the model config with its BERT
+config, the input settings) and the tokenizer files. `TorchSignCLIP.from_pretrained(DIR)` reads
+them back and `.embed_texts` / `.embed_poses` embed with plain PyTorch (no JAX import).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
 from torch import nn
+
+from signclip_jax.errors import DataError, UserError
+
+# The release folder format (config.json "format" / "format_version").
+HF_FORMAT = "signclip-jax/torch-twin"
+HF_FORMAT_VERSION = 1
+HF_WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+TORCH_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 _BERT_FIELDS = (
     "vocab_size",
@@ -112,6 +138,9 @@ class TorchSignCLIP(nn.Module):
         else:
             self.video_projection = None
             self.text_projection = None
+        # What `embed_texts` / `embed_poses` need; `from_pretrained` fills them from the folder.
+        self.tokenizer = None
+        self.inputs = default_inputs(c)
 
     def _project(self, x: torch.Tensor, head: Projection | None) -> torch.Tensor:
         if head is None:
@@ -161,6 +190,113 @@ class TorchSignCLIP(nn.Module):
     def forward(self, pose, pose_mask, text_ids, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_video(pose, pose_mask), self.forward_text(text_ids, text_mask)
 
+    # -- release folders ----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        attn_implementation: str = "eager",
+        dtype: str | torch.dtype = torch.float32,
+    ) -> TorchSignCLIP:
+        """A release folder (model.safetensors + config.json + tokenizer) -> twin in eval mode.
+
+        Loads strictly (every tensor of the original layout, nothing else). fp16 weights are
+        upcast to `dtype` (fp32 by default). The tokenizer is loaded when the folder has one.
+        """
+        config = read_pretrained_config(path)
+        twin = cls(config["model"], attn_implementation)
+        weights = read_pretrained_weights(path)
+        check_state_dict(twin.state_dict(), weights, source=str(Path(path) / HF_WEIGHTS))
+        twin.load_state_dict(weights, strict=True)
+        twin = twin.to(torch_dtype(dtype)).eval()
+        twin.inputs = {**twin.inputs, **config.get("inputs", {})}
+        if any((Path(path) / f).exists() for f in ("tokenizer.json", "vocab.txt")):
+            twin.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        return twin
+
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype = "fp32",
+        tokenizer=None,
+        force: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Writes a release folder (atomically; an existing `path` only with force=True)."""
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        config = pretrained_config(self.config, inputs=self.inputs, dtype=dtype, extra=extra)
+        return write_pretrained(path, self.state_dict(), config, tokenizer=tokenizer, force=force)
+
+    # -- embedding ----------------------------------------------------------------------------
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """Strings used as given (write the prompt yourself, e.g. "<en> <ase> house")
+        -> [N, H] float32, tokenised as in training (`inputs["text_max_len"]`)."""
+        from signclip_jax.data.text import encode_texts
+
+        if self.tokenizer is None:
+            raise UserError("this twin has no tokenizer (load it with from_pretrained(DIR))")
+        texts = [str(t) for t in texts]
+        device = next(self.parameters()).device
+        out = np.zeros((len(texts), self.config["bert"]["hidden_size"]), np.float32)
+        for start in range(0, len(texts), batch_size):
+            ids, mask = encode_texts(
+                self.tokenizer, texts[start : start + batch_size], int(self.inputs["text_max_len"])
+            )
+            emb = self.forward_text(
+                torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+            )
+            out[start : start + len(ids)] = emb.float().cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def embed_features(self, features: Sequence[np.ndarray], *, batch_size: int = 16) -> np.ndarray:
+        """Pose features [T_i, D] each -> [N, H] float32. The first max_frames frames of each;
+        every pose has its own mask, so its embedding does not depend on its batch-mates."""
+        max_frames = int(self.config["max_frames"])
+        dim = int(self.config["pose_dim"])
+        device = next(self.parameters()).device
+        out = np.zeros((len(features), self.config["bert"]["hidden_size"]), np.float32)
+        for start in range(0, len(features), batch_size):
+            chunk = [
+                np.asarray(f, np.float32)[:max_frames] for f in features[start : start + batch_size]
+            ]
+            for i, f in enumerate(chunk):
+                if f.ndim != 2 or f.shape[1] != dim or f.shape[0] == 0:
+                    raise DataError(
+                        f"pose {start + i}: features of shape {f.shape}, expected [T >= 1, {dim}]"
+                    )
+            length = max(f.shape[0] for f in chunk)
+            pose = np.zeros((len(chunk), length, dim), np.float32)
+            mask = np.zeros((len(chunk), length), bool)
+            for i, f in enumerate(chunk):
+                pose[i, : len(f)] = f
+                mask[i, : len(f)] = True
+            pose_t = torch.from_numpy(pose).to(device=device, dtype=self._param_dtype())
+            emb = self.forward_video(pose_t, torch.from_numpy(mask).to(device))
+            out[start : start + len(chunk)] = emb.float().cpu().numpy()
+        return out
+
+    def embed_poses(
+        self, sources: Sequence[str | os.PathLike | bytes], *, batch_size: int = 16
+    ) -> np.ndarray:
+        """`.pose` paths or bytes -> [N, H] float32 (features as in training: `inputs`)."""
+        from signclip_jax.data.pose import PoseSpec, load_features
+
+        spec = PoseSpec(
+            components=str(self.inputs["pose_components"]),
+            include_z=bool(self.inputs["include_z"]),
+            max_frames=int(self.config["max_frames"]),
+        )
+        return self.embed_features([load_features(s, spec) for s in sources], batch_size=batch_size)
+
 
 # ------------------------------------------------------------------------------ JAX <-> torch
 def jax_to_torch_state_dict(model) -> dict[str, torch.Tensor]:
@@ -191,3 +327,183 @@ def twin_from_jax(model, attn_implementation: str = "eager") -> TorchSignCLIP:
     twin = TorchSignCLIP(model.config, attn_implementation)
     twin.load_state_dict(jax_to_torch_state_dict(model), strict=True)
     return twin.eval()
+
+
+# ------------------------------------------------------------------------------ release folders
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """ "fp32"/"float32"/"fp16"/"float16" or a torch dtype -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in TORCH_DTYPES:
+        raise UserError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+    return TORCH_DTYPES[dtype]
+
+
+def default_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Input settings of the original recipe, for a model config without saved ones."""
+    return {
+        "max_frames": int(config["max_frames"]),
+        "pose_components": "reduced_face",
+        "include_z": True,
+        "prompt_template": "spreadthesign",
+        "text_max_len": 64,
+    }
+
+
+def pretrained_config(
+    model_config,
+    *,
+    inputs: Mapping[str, Any],
+    dtype: str | torch.dtype = "fp32",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """config.json of a release folder: format tag and version, the model config (with its
+    BERT config), the input settings, the weights' dtype, plus `extra` (loss, training config,
+    source...)."""
+    from signclip_jax import __version__
+
+    return {
+        "format": HF_FORMAT,
+        "format_version": HF_FORMAT_VERSION,
+        "architectures": ["TorchSignCLIP"],
+        "signclip_jax_version": __version__,
+        "torch_dtype": str(torch_dtype(dtype)).removeprefix("torch."),
+        "model": _as_dict(model_config),
+        "inputs": dict(inputs),
+        **dict(extra or {}),
+    }
+
+
+def check_state_dict(expected: Mapping[str, Any], given: Mapping[str, Any], *, source: str) -> None:
+    """DataError naming missing, unexpected and mis-shaped tensors of `given` (one line).
+
+    Values are tensors/arrays, or (in `expected`) shape tuples.
+    """
+    shape = lambda v: tuple(v) if isinstance(v, tuple | list) else tuple(v.shape)
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [
+        f"{k} {shape(given[k])} != {shape(expected[k])}"
+        for k in expected
+        if k in given and shape(given[k]) != shape(expected[k])
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing tensor(s) {missing}")
+    if unexpected:
+        parts.append(f"unexpected tensor(s) {unexpected}")
+    if mismatched:
+        parts.append(f"shape mismatch (file != model) {mismatched}")
+    if parts:
+        raise DataError(f"cannot load {source}: " + "; ".join(parts))
+
+
+def check_output(out: str | os.PathLike, force: bool) -> Path:
+    """`out` as a Path; UserError when it exists and `force` is off."""
+    out = Path(out)
+    if os.path.lexists(out) and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+@contextlib.contextmanager
+def staged_output(
+    out: str | os.PathLike, *, force: bool = False, directory: bool = False
+) -> Iterator[Path]:
+    """Yields a temporary path beside `out` (a fresh folder if `directory`); when the block
+    succeeds it takes `out`'s place in one rename, else it is deleted. Readers never see a
+    half-written `out`. An existing `out` is refused unless `force`."""
+    out = check_output(out, force).absolute()  # Orbax refuses relative paths
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    else:
+        tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        if os.path.lexists(out):
+            check_output(out, force)  # appeared meanwhile
+            aside = out.parent / f".{out.name}.{os.getpid()}.old"
+            _remove(aside)
+            os.replace(out, aside)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(aside, out)
+                raise
+            _remove(aside)
+        else:
+            os.replace(tmp, out)
+    finally:
+        _remove(tmp)
+
+
+def write_pretrained(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, Any],
+    config: Mapping[str, Any],
+    *,
+    tokenizer=None,
+    force: bool = False,
+) -> Path:
+    """Writes a release folder: model.safetensors (tensors as given: torch or numpy, in the
+    dtype of config["torch_dtype"]), config.json, tokenizer files. Atomic (staged_output)."""
+    from safetensors.torch import save_file
+
+    dtype = torch_dtype(config.get("torch_dtype", "float32"))
+    tensors = {}
+    for key, value in state_dict.items():
+        t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
+        t = t.detach().cpu()
+        tensors[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    with staged_output(path, force=force, directory=True) as tmp:
+        save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(path)
+
+
+def read_pretrained_config(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a release folder, checked (UserError naming the file when it is not one)."""
+    file = Path(path) / HF_CONFIG
+    if not file.is_file():
+        raise UserError(f"{path} is not a signclip-jax release folder (no {HF_CONFIG})")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != HF_FORMAT:
+        raise UserError(f"{file}: not a signclip-jax release config (format != {HF_FORMAT!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > HF_FORMAT_VERSION:
+        raise UserError(
+            f"{file}: format_version {version!r} is newer than this code reads "
+            f"({HF_FORMAT_VERSION}); update signclip-jax"
+        )
+    if not isinstance(config.get("model"), dict) or "bert" not in config["model"]:
+        raise UserError(f"{file}: no model config (key 'model' with its 'bert' config)")
+    return config
+
+
+def read_pretrained_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """model.safetensors of a release folder as torch tensors (dtype as stored)."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / HF_WEIGHTS
+    if not file.is_file():
+        raise UserError(f"{path} has no {HF_WEIGHTS}")
+    try:
+        return load_file(str(file))
+    except Exception as e:
+        raise DataError(f"cannot read {file}: {e}") from None

@@ -137,3 +137,16 @@ def test_workdir_lock_refuses_a_second_trainer_and_takes_over_stale_locks(tmp_pa
     with ckpt_lib.WorkdirLock(tmp_path):
         assert (tmp_path / "train.lock").read_text() == str(os.getpid())
     assert not (tmp_path / "train.lock").exists()
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+    """Orbax refuses relative paths; `--workdir=runs/demo` must still work."""
+    monkeypatch.chdir(tmp_path)
+    params = {"w": jnp.arange(4.0)}
+    with ckpt_lib.Checkpointer("runs/x", async_save=False) as ckpt:
+        ckpt.save(3, params=params, train_state={"step": jnp.int32(3)}, force=True)
+    step_dir = ckpt_lib.resolve_step_dir("runs/x")
+    assert step_dir == tmp_path / "runs" / "x" / "checkpoints" / "3"
+    relative = ckpt_lib.resolve_step_dir(checkpoint="runs/x/checkpoints/3")
+    restored = ckpt_lib.restore_params(relative, ckpt_lib.abstract_like(params))
+    assert restored["w"].tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -1,4 +1,7 @@
-"""PyTorch twin: original state_dict keys, JAX <-> torch copies, whole-model parity."""
+"""PyTorch twin: original state_dict keys, JAX <-> torch copies, whole-model parity, release
+folders (save_pretrained / from_pretrained)."""
+
+import json
 
 import jax
 import ml_collections
@@ -8,7 +11,7 @@ import torch
 from flax import nnx
 
 from signclip_jax.data.text import encode_texts, load_tokenizer, render_prompt
-from signclip_jax.errors import DataError
+from signclip_jax.errors import DataError, UserError
 from signclip_jax.model.signclip import build_model, init_from_pretrained, to_state_dict
 from signclip_jax.torch_twin import (
     TorchSignCLIP,
@@ -214,3 +217,65 @@ def test_real_poses_parity_and_padding(minilm, shared_pose):
         full = jax_embed(model, batch)[0]
         bucket = jax_embed(model, dict(batch, pose=poses[:, :128], pose_mask=masks[:, :128]))[0]
     assert np.abs(np.asarray(full) - np.asarray(bucket)).max() <= 1e-5
+
+
+# --------------------------------------------------------------------------- release folders
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_save_and_load_pretrained(tmp_path, dtype):
+    model = tiny("linear_l2", seed=3)
+    twin = twin_from_jax(model)
+    twin.tokenizer = load_tokenizer("minilm")
+    twin.inputs["text_max_len"] = 12
+    folder = twin.save_pretrained(tmp_path / "release", dtype=dtype)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["format"] == "signclip-jax/torch-twin" and config["format_version"] == 1
+    assert config["torch_dtype"] == ("float16" if dtype == "fp16" else "float32")
+    back = TorchSignCLIP.from_pretrained(folder)
+    assert back.inputs["text_max_len"] == 12 and back.config["projection"] == "linear_l2"
+    for key, value in twin.state_dict().items():
+        want = value.half().float() if dtype == "fp16" else value
+        torch.testing.assert_close(back.state_dict()[key], want, rtol=0, atol=0)
+    texts = ["<en> <ase> house", "<de> <gsg> Haus"]
+    np.testing.assert_array_equal(
+        encode_texts(back.tokenizer, texts, 12)[0], encode_texts(twin.tokenizer, texts, 12)[0]
+    )
+    if dtype == "fp32":  # the loaded twin embeds like the JAX model it came from
+        rng = np.random.default_rng(6)
+        pose = random_pose(rng, 2, 32)
+        mask = np.arange(32)[None] < np.array([[32], [7]])
+        with jax.default_matmul_precision("float32"):
+            ours = np.asarray(nnx.jit(lambda m, p, k: m.embed_pose(p, k))(model, pose, mask))
+        theirs = back.embed_features([pose[0], pose[1, :7]])
+        assert np.abs(theirs - ours).max() <= MAX_DIFF
+    with pytest.raises(UserError, match="already exists"):
+        twin.save_pretrained(folder)
+    twin.save_pretrained(folder, force=True)
+
+
+def test_pretrained_folder_errors(tmp_path):
+    twin = twin_from_jax(tiny())
+    folder = twin.save_pretrained(tmp_path / "r")
+    with pytest.raises(UserError, match=r"no config\.json"):
+        TorchSignCLIP.from_pretrained(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(UserError, match="format_version 99"):
+        TorchSignCLIP.from_pretrained(folder)
+    config["model"]["video_layers"] = 1  # the weights hold 2 video layers
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=r"unexpected.*video_encoder\.bert\.encoder\.layer\.1\."):
+        TorchSignCLIP.from_pretrained(folder)
+    with pytest.raises(UserError, match="no tokenizer"):
+        twin.embed_texts(["x"])
+
+
+def test_embed_features_is_independent_of_batch_mates():
+    twin = twin_from_jax(tiny(seed=4))
+    rng = np.random.default_rng(5)
+    feats = [random_pose(rng, 1, t)[0] for t in (32, 5, 40)]  # 40 > max_frames: first 32
+    together = twin.embed_features(feats, batch_size=3)
+    for i, f in enumerate(feats):
+        np.testing.assert_allclose(twin.embed_features([f])[0], together[i], atol=1e-5)
+    np.testing.assert_allclose(together[2], twin.embed_features([feats[2][:32]])[0], atol=1e-6)
+    with pytest.raises(DataError, match="pose 1"):
+        twin.embed_features([feats[0], np.zeros((0, 609), np.float32)])
