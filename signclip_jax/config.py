@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable
 from typing import Any
 
 import ml_collections
@@ -61,3 +62,82 @@ def _convert(key: str, raw: str, default: Any) -> Any:
             raise UserError(f"config argument {key}={raw!r} is not a tuple literal") from None
         return type(default)(value if isinstance(value, (tuple, list)) else (value,))
     return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# --config.a.b=value overrides of a saved config (config.json of a workdir).
+
+
+def parse_override_value(raw: str, current: Any, key: str) -> Any:
+    """`raw` converted to the type of the value it replaces (a literal for new keys)."""
+    if isinstance(current, bool):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--config.{key}={raw!r} is not a boolean")
+    if isinstance(current, (int, float)):
+        try:
+            return type(current)(raw)
+        except ValueError:
+            if isinstance(current, int):
+                try:  # an int field given a float ("1e3") that is whole
+                    value = float(raw)
+                    if value.is_integer():
+                        return int(value)
+                except ValueError:
+                    pass
+            raise UserError(f"--config.{key}={raw!r} is not a {type(current).__name__}") from None
+    if isinstance(current, (list, tuple)):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = [x.strip() for x in raw.split(",") if x.strip()]  # "en,de"
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return type(current)(value)
+    if isinstance(current, str):
+        return raw
+    try:  # None or a new key: a Python literal, else the string itself
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def apply_overrides(config, overrides: Iterable[str], *, new_keys: bool = True):
+    """A copy of `config` (ConfigDict) with "a.b=value" overrides applied.
+
+    Existing keys keep their type; a new key is allowed where its parent exists (optional
+    data keys such as data.pose_header), parsed as a Python literal or kept as a string, unless
+    `new_keys` is False. Used by evaluate, convert and bench (train uses ml_collections' flags).
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"config override {item!r}: expected --config.KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = config
+        for i, p in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+                raise UserError(
+                    f"--config.{key}: {'.'.join(parents[: i + 1])} is not in the config"
+                )
+            node = node[p]
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise UserError(f"--config.{key}: {'.'.join(parents)} is not a group of settings")
+        current = node[leaf] if leaf in node else None
+        if isinstance(current, ml_collections.ConfigDict):
+            raise UserError(f"--config.{key} is a group; set one of its keys: {sorted(current)}")
+        if leaf not in node and not new_keys:
+            raise UserError(f"--config.{key}: unknown key (known: {sorted(node.keys())})")
+        value = parse_override_value(raw, current, key)
+        try:
+            node[leaf] = value
+        except TypeError:
+            # A field that held None (or a literal of another type): replace, don't coerce.
+            node[leaf] = None
+            node[leaf] = value
+    return config

@@ -30,7 +30,6 @@ refused unless --force.
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import importlib.util
 import json
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from signclip_jax import config as config_lib
 from signclip_jax.errors import DataError, UserError, run_cli
 
 log = logging.getLogger("signclip_jax.convert")
@@ -448,51 +448,6 @@ def base_config():
     return module.base_config()
 
 
-def apply_overrides(config, overrides: Sequence[str]) -> None:
-    """`key.sub=value` strings onto a ConfigDict; the value takes the type of the current one
-    (tuples/lists/dicts and missing/None values go through ast.literal_eval, else a string)."""
-    import ml_collections
-
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r}: expected --config.KEY=VALUE")
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-                raise UserError(f"--config.{key}: no config section {p!r}")
-            node = node[p]
-        if leaf not in node:
-            raise UserError(f"--config.{key}: unknown key (known: {sorted(node.keys())})")
-        node[leaf] = _convert(key, raw, node[leaf])
-
-
-def _convert(key: str, raw: str, current: Any) -> Any:
-    if isinstance(current, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"--config.{key}={raw!r} is not a boolean")
-    if isinstance(current, int | float):
-        try:
-            return type(current)(raw)
-        except ValueError:
-            raise UserError(f"--config.{key}={raw!r} is not a {type(current).__name__}") from None
-    if isinstance(current, str):
-        return raw
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        if current is None:
-            return raw
-        raise UserError(f"--config.{key}={raw!r} is not a Python literal") from None
-    if isinstance(current, tuple | list) and not isinstance(value, tuple | list):
-        value = (value,)
-    return type(current)(value) if isinstance(current, tuple | list) else value
-
-
 def _resolve_heads(
     arch: Mapping[str, Any], text_model: str, num_heads: int | None, where: str
 ) -> dict[str, Any]:
@@ -608,7 +563,7 @@ def from_pytorch(
     model.bert = bert
     model.pretrained = False  # the weights come from checkpoints/0
     config.init_from = ""
-    apply_overrides(config, overrides)
+    config = config_lib.apply_overrides(config, overrides, new_keys=False)
 
     # Tokenizer: the release folder's own, else the text model's (offline-safe loader).
     if kind == "hf":

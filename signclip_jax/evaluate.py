@@ -33,7 +33,6 @@ as the original's `eval_flip_full` embeddings.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import io
 import json
@@ -41,12 +40,13 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from signclip_jax import config as config_lib
 from signclip_jax.errors import UserError
 
 log = logging.getLogger("signclip_jax.evaluate")
@@ -57,86 +57,6 @@ GROUP_BY = ("prompt", "decoded")
 KS = (1, 5, 10)
 DEFAULT_SHOTS = (1, 5, 10, 100)
 MAX_DEFAULT_TRAIN = 50_000  # fewshot / probe by default only below this many train examples
-
-
-# ---------------------------------------------------------------------------------------------
-# Config overrides: --config.a.b=value on top of the workdir's config.json.
-
-
-def _parse_value(raw: str, current: Any, key: str) -> Any:
-    """`raw` converted to the type of the value it replaces (a literal for new keys)."""
-    if isinstance(current, bool):
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"--config.{key}={raw!r} is not a boolean")
-    if isinstance(current, (int, float)):
-        try:
-            return type(current)(raw)
-        except ValueError:
-            if isinstance(current, int):
-                try:  # an int field given a float ("1e3") that is whole
-                    value = float(raw)
-                    if value.is_integer():
-                        return int(value)
-                except ValueError:
-                    pass
-            raise UserError(f"--config.{key}={raw!r} is not a {type(current).__name__}") from None
-    if isinstance(current, (list, tuple)):
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = [x.strip() for x in raw.split(",") if x.strip()]  # "en,de"
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return type(current)(value)
-    if isinstance(current, str):
-        return raw
-    try:  # None or a new key: a Python literal, else the string itself
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
-
-
-def apply_overrides(config, overrides: Iterable[str]):
-    """A copy of `config` (ConfigDict) with "a.b=value" overrides applied.
-
-    Existing keys keep their type; a new key is allowed where its parent exists (optional
-    data keys such as data.pose_header), parsed as a Python literal or kept as a string.
-    """
-    import ml_collections
-
-    config = ml_collections.ConfigDict(config.to_dict())
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError(f"config override {item!r}: expected --config.KEY=VALUE")
-        *parents, leaf = key.split(".")
-        node = config
-        for i, p in enumerate(parents):
-            if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-                raise UserError(
-                    f"--config.{key}: {'.'.join(parents[: i + 1])} is not in the config"
-                )
-            node = node[p]
-        if not isinstance(node, ml_collections.ConfigDict):
-            raise UserError(f"--config.{key}: {'.'.join(parents)} is not a group of settings")
-        current = node[leaf] if leaf in node else None
-        if isinstance(current, ml_collections.ConfigDict):
-            raise UserError(f"--config.{key} is a group; set one of its keys: {sorted(current)}")
-        if leaf not in node:
-            log.info("config: new key %s", key)
-        value = _parse_value(raw, current, key)
-        try:
-            node[leaf] = value
-        except TypeError:
-            # A field that held None (or a literal of another type): replace, don't coerce.
-            node[leaf] = None
-            node[leaf] = value
-    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,7 +772,9 @@ def load(opts: Options):
 
     run = inference.load_run(opts.workdir, opts.checkpoint, which=opts.which, dtype=opts.dtype)
     if opts.overrides:
-        run = dataclasses.replace(run, config=apply_overrides(run.config, opts.overrides))
+        run = dataclasses.replace(
+            run, config=config_lib.apply_overrides(run.config, opts.overrides)
+        )
     settings = run.settings  # validates data.* (UserError on a bad value)
     sources.normalize_split(opts.split)
     mc = run.model_config
@@ -888,7 +810,9 @@ def run_evaluation(
     if embedder is None:
         embedder = inference.Embedder(run, batch_size=opts.batch_size)
     elif opts.overrides:
-        run = dataclasses.replace(run, config=apply_overrides(run.config, opts.overrides))
+        run = dataclasses.replace(
+            run, config=config_lib.apply_overrides(run.config, opts.overrides)
+        )
         before, after = embedder.settings, run.settings
         if (before.spec, before.lengths, before.text_max_len) != (
             after.spec,

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -21,51 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
 # Pieces without a model.
-
-
-def _config():
-    c = ml_collections.ConfigDict()
-    c.batch_size = 8
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"
-    c.data.max_frames = 96
-    c.data.val_fraction = 0.2
-    c.data.include_z = True
-    c.data.languages = ["en"]
-    c.data.manifest = ""
-    return c
-
-
-def test_config_overrides_keep_types_and_allow_new_data_keys():
-    c = _config()
-    out = ev.apply_overrides(
-        c,
-        [
-            "data.source=manifest",
-            "data.manifest=/x/m.csv",
-            "data.max_frames=64",
-            "data.val_fraction=0.5",
-            "data.include_z=false",
-            "data.languages=en,de",
-            "data.pose_header=/h.poseheader",
-            "batch_size=16",
-        ],
-    )
-    assert out.data.source == "manifest" and out.data.manifest == "/x/m.csv"
-    assert out.data.max_frames == 64 and isinstance(out.data.max_frames, int)
-    assert out.data.val_fraction == 0.5 and out.data.include_z is False
-    assert list(out.data.languages) == ["en", "de"]
-    assert out.data.pose_header == "/h.poseheader"  # a new optional key
-    assert c.data.source == "synthetic"  # the input is not modified
-    for bad, match in (
-        ("data.max_frames=lots", "not a int"),
-        ("data.include_z=maybe", "not a boolean"),
-        ("nosuch.key=1", "nosuch is not in the config"),
-        ("data=1", "is a group"),
-        ("data.max_frames", "expected --config.KEY=VALUE"),
-    ):
-        with pytest.raises(UserError, match=match):
-            ev.apply_overrides(c, [bad])
 
 
 def test_parse_args_collects_config_overrides_and_rejects_unknown_flags(capsys):
