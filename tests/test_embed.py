@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import signclip_jax
 from signclip_jax import embed as embed_lib
 from signclip_jax import inference
 from signclip_jax.data import pose as pose_lib
@@ -96,6 +97,9 @@ def fake_video_module(
     module.video_to_pose = video_to_pose
     module.VideoEnvError = VideoEnvError
     with pytest.MonkeyPatch.context() as mp:
+        # Both places `from signclip_jax import video` looks: the package attribute (set
+        # once any test imported the real module) and sys.modules.
+        mp.setattr(signclip_jax, "video", module, raising=False)
         mp.setitem(sys.modules, "signclip_jax.video", module)
         yield calls
 
@@ -176,6 +180,7 @@ def test_write_npz_atomic(tmp_path, monkeypatch):
 
 def test_video_hook(poses):
     with pytest.MonkeyPatch.context() as mp:
+        mp.delattr(signclip_jax, "video", raising=False)
         mp.setitem(sys.modules, "signclip_jax.video", None)  # module absent: ImportError
         with pytest.raises(UserError, match=r"x\.mp4: video input needs the optional video"):
             embed_lib.video_to_pose_bytes("x.mp4", name="x.mp4")
