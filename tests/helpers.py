@@ -5,14 +5,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+# A tiny random BERT (2 layers, width 32): keeps compiles short while the tokenizer stays the
+# bundled MiniLM one. The same one `bench train --bert=tiny` uses.
+from signclip_jax.bench import TINY_BERT
+
 ROOT = Path(__file__).resolve().parents[1]
-
-# A tiny random BERT: keeps compiles short while the tokenizer stays the bundled MiniLM one.
-TINY_BERT = dict(
-    vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-    intermediate_size=64, max_position_embeddings=512,
-)  # fmt: skip
-
 
 def load_config(name: str, arg: str | None = None):
     """configs/NAME.py's get_config(arg)."""
