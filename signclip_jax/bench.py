@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from signclip_jax import config as config_lib
 from signclip_jax.errors import UserError, run_cli
 
 if TYPE_CHECKING:
@@ -457,67 +458,6 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
     return None
 
 
-def _literal(raw: str) -> Any:
-    import ast
-
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
-
-
-def _convert_like(current: Any, raw: str, key: str) -> Any:
-    """`raw` (command-line text) as a value of `current`'s type."""
-    if isinstance(current, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"--config.{key}={raw!r} is not a boolean")
-    if isinstance(current, int | float):
-        try:
-            return type(current)(raw)
-        except ValueError:
-            raise UserError(
-                f"--config.{key}={raw!r} is not of type {type(current).__name__}"
-            ) from None
-    if isinstance(current, str):
-        return raw
-    value = _literal(raw)
-    if isinstance(current, tuple | list):
-        if not isinstance(value, tuple | list):
-            value = (value,)
-        return type(current)(value)
-    if hasattr(current, "to_dict") or isinstance(current, dict):
-        if not isinstance(value, dict):
-            raise UserError(f"--config.{key}={raw!r} is not a dict literal")
-    return value
-
-
-def apply_override(config, key: str, raw: str) -> None:
-    """config[key] = raw converted to the type of the value it replaces (dotted key)."""
-    *parents, leaf = key.split(".")
-    node = config
-    for i, name in enumerate(parents):
-        if not hasattr(node, "keys") or name not in node:
-            section = ".".join(parents[: i + 1])
-            raise UserError(f"--config.{key}: the config has no section {section}")
-        node = node[name]
-    if not hasattr(node, "keys"):
-        raise UserError(f"--config.{key}: {'.'.join(parents)} is not a section")
-    if leaf in node and node[leaf] is not None:
-        value = _convert_like(node[leaf], raw, key)
-    elif leaf in node or key in OPTIONAL_KEYS:
-        value = _literal(raw)
-    else:
-        raise UserError(f"--config.{key}: unknown key; {'.'.join(parents) or 'the config'} has "
-                        f"{sorted(node.keys())}")  # fmt: skip
-    try:
-        node[leaf] = value
-    except (TypeError, ValueError) as e:
-        raise UserError(f"--config.{key}={raw!r}: {e}") from None
-
-
 def train_config(args: argparse.Namespace):
     """The training config the benchmark runs: the file, then --bert, then --config.* and
     --set overrides, then the dedicated flags (batch size, dtype, attention, remat, ...)."""
@@ -540,8 +480,9 @@ def train_config(args: argparse.Namespace):
         config.model.text_model = text_model
         # The video tower takes the first layers of this BERT: at most all of them.
         config.model.video_layers = min(config.model.video_layers, bert["num_hidden_layers"])
-    for key, raw in args.overrides:
-        apply_override(config, key, raw)
+    config = config_lib.apply_overrides(
+        config, [f"{key}={raw}" for key, raw in args.overrides], new_keys=OPTIONAL_KEYS
+    )
     flags = {
         "batch_size": args.batch_size,
         "microbatches": args.microbatches,

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import ml_collections
@@ -105,12 +105,13 @@ def parse_override_value(raw: str, current: Any, key: str) -> Any:
         return raw
 
 
-def apply_overrides(config, overrides: Iterable[str], *, new_keys: bool = True):
+def apply_overrides(config, overrides: Iterable[str], *, new_keys: bool | Collection[str] = True):
     """A copy of `config` (ConfigDict) with "a.b=value" overrides applied.
 
     Existing keys keep their type; a new key is allowed where its parent exists (optional
     data keys such as data.pose_header), parsed as a Python literal or kept as a string, unless
-    `new_keys` is False. Used by evaluate, convert and bench (train uses ml_collections' flags).
+    `new_keys` is False (or is a collection of the dotted keys that may be new). Used by
+    evaluate, convert and bench (train uses ml_collections' flags).
     """
     config = ml_collections.ConfigDict(config.to_dict())
     for item in overrides:
@@ -131,7 +132,8 @@ def apply_overrides(config, overrides: Iterable[str], *, new_keys: bool = True):
         current = node[leaf] if leaf in node else None
         if isinstance(current, ml_collections.ConfigDict):
             raise UserError(f"--config.{key} is a group; set one of its keys: {sorted(current)}")
-        if leaf not in node and not new_keys:
+        allowed = new_keys if isinstance(new_keys, bool) else key in new_keys
+        if leaf not in node and not allowed:
             raise UserError(f"--config.{key}: unknown key (known: {sorted(node.keys())})")
         value = parse_override_value(raw, current, key)
         try:

@@ -221,22 +221,23 @@ def test_peak_tflops_table():
 
 def test_config_overrides():
     from signclip_jax import bench
+    from signclip_jax import config as config_lib
     from signclip_jax.errors import UserError
     from tests.helpers import load_config
 
-    config = load_config("spreadthesign")
-    bench.apply_override(config, "data.length_buckets", "(64,128)")
-    bench.apply_override(config, "model.remat", "true")
-    bench.apply_override(config, "batch_size", "32")
-    bench.apply_override(config, "model.text_model", "minilm")
-    bench.apply_override(config, "model.hidden_dropout", "0.0")  # optional key, absent before
+    config = config_lib.apply_overrides(
+        load_config("spreadthesign"),
+        ["data.length_buckets=(64,128)", "model.remat=true", "batch_size=32",
+         "model.text_model=minilm", "model.hidden_dropout=0.0"],  # optional key, absent before
+        new_keys=bench.OPTIONAL_KEYS,
+    )  # fmt: skip
     assert tuple(config.data.length_buckets) == (64, 128) and config.model.remat is True
     assert config.batch_size == 32 and config.model.text_model == "minilm"
     assert config.model.hidden_dropout == 0.0
     for key, raw in (("model.nope", "1"), ("nope.x", "1"), ("batch_size", "x"),
                      ("model.remat", "maybe")):  # fmt: skip
         with pytest.raises(UserError, match=key.split(".")[0]):
-            bench.apply_override(config, key, raw)
+            config_lib.apply_overrides(config, [f"{key}={raw}"], new_keys=bench.OPTIONAL_KEYS)
 
 
 def test_write_json_atomic(tmp_path):
