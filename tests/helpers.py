@@ -11,6 +11,7 @@ from signclip_jax.bench import TINY_BERT
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def load_config(name: str, arg: str | None = None):
     """configs/NAME.py's get_config(arg)."""
     spec = importlib.util.spec_from_file_location(f"{name}_config", ROOT / "configs" / f"{name}.py")
