@@ -8,6 +8,7 @@ from pathlib import Path
 # A tiny random BERT (2 layers, width 32): keeps compiles short while the tokenizer stays the
 # bundled MiniLM one. The same one `bench train --bert=tiny` uses.
 from signclip_jax.bench import TINY_BERT
+from signclip_jax.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +30,12 @@ def tiny_config(synthetic_dir: Path, total_steps: int = 4):
     config.data.max_frames = 96
     config.data.synthetic_dir = str(synthetic_dir)
     return config
+
+
+def write_pose(path: Path, frames: int, seed: int) -> Path:
+    """A real .pose file (MediaPipe Holistic header, no world landmarks) of exactly `frames`."""
+    data, conf = synthetic.random_clip(seed, min_frames=frames, max_frames=frames)
+    data, conf = data[:, :, :-33], conf[:, :, :-33]
+    header = synthetic.holistic_header(468, world_landmarks=False)
+    path.write_bytes(synthetic.pose_bytes(header, data, conf, 25.0))
+    return path

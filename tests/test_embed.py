@@ -17,20 +17,11 @@ import signclip_jax
 from signclip_jax import embed as embed_lib
 from signclip_jax import inference
 from signclip_jax.data import pose as pose_lib
-from signclip_jax.data import synthetic
 from signclip_jax.data import text as text_lib
 from signclip_jax.errors import UserError
+from tests.helpers import write_pose
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_pose(path: Path, frames: int, seed: int) -> Path:
-    """A real .pose file (MediaPipe Holistic header, no world landmarks) of exactly `frames`."""
-    data, conf = synthetic.random_clip(seed, min_frames=frames, max_frames=frames)
-    data, conf = data[:, :, :-33], conf[:, :, :-33]
-    header = synthetic.holistic_header(468, world_landmarks=False)
-    path.write_bytes(synthetic.pose_bytes(header, data, conf, 25.0))
-    return path
 
 
 @pytest.fixture(scope="module")

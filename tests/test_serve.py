@@ -23,21 +23,12 @@ import pytest
 
 from signclip_jax import embed as embed_lib
 from signclip_jax import serve
-from signclip_jax.data import synthetic
 from signclip_jax.errors import UserError
+from tests.helpers import write_pose
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["<en> <ase> house", "<en> <ase> tree", "hello", "<en> <ase> a much longer caption here"]
 LIMITS = dict(max_body_bytes=4 * 2**20, max_items=16, max_text_chars=300, max_pose_frames=200)
-
-
-def write_pose(path: Path, frames: int, seed: int) -> Path:
-    """A real .pose file (MediaPipe Holistic header, no world landmarks) of exactly `frames`."""
-    data, conf = synthetic.random_clip(seed, min_frames=frames, max_frames=frames)
-    data, conf = data[:, :, :-33], conf[:, :, :-33]
-    header = synthetic.holistic_header(468, world_landmarks=False)
-    path.write_bytes(synthetic.pose_bytes(header, data, conf, 25.0))
-    return path
 
 
 def b64(path: Path) -> str:
