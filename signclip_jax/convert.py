@@ -63,13 +63,12 @@ def mmpt_key_shapes(model_config, *, position_ids: bool = False) -> dict[str, tu
     config, its model section). `position_ids` adds the two [1, max_positions] int64 buffers
     that transformers < 4.31 (the original's training environment) keeps in the state_dict.
     """
-    from flax import nnx
 
     from signclip_jax.model import bert
     from signclip_jax.model import signclip as signclip_model
 
     mcfg = signclip_model.model_config(model_config)
-    abstract = nnx.eval_shape(lambda: signclip_model.SignCLIP(mcfg, rngs=nnx.Rngs(0)))
+    abstract = signclip_model.abstract_model(mcfg)
     shapes = {}
     for path, var in bert.param_items(abstract):
         key, transpose = bert.hf_key(path)
@@ -222,9 +221,7 @@ def to_pytorch(
         raise UserError(f"--format must be one of {FORMATS}, got {format!r}")
     torch_dtype(dtype)
     check_output(out, force)  # before the (long) restore
-    # Orbax wants absolute paths (load_run passes relative ones through as given).
-    absolute = lambda p: str(Path(p).expanduser().absolute()) if p and "://" not in str(p) else p
-    run = inference.load_run(absolute(workdir), absolute(checkpoint), which=which)
+    run = inference.load_run(workdir, checkpoint, which=which)
     if format == "mmpt":
         _note_original_settings(run)
         return export_mmpt(run, out, dtype=dtype, position_ids=position_ids, force=force)
@@ -584,7 +581,7 @@ def from_pytorch(
     # Strict: every tensor of this architecture with its shape (PyTorch layout), no extras.
     expected = {k[len(PREFIX) :]: v for k, v in mmpt_key_shapes(mcfg).items()}
     check_state_dict(expected, sd, source=f"{where} (keys without the {PREFIX} prefix)")
-    abstract = nnx.eval_shape(lambda: signclip_model.SignCLIP(mcfg, rngs=nnx.Rngs(0)))
+    abstract = signclip_model.abstract_model(mcfg)
     report = signclip_model.from_state_dict(abstract, sd, source=where)
     loss_name = str(config.loss.name)
     loss_params = losses.init_loss_params(loss_name, config.loss)

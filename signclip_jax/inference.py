@@ -155,9 +155,9 @@ def load_run(
     mcfg = read_model_config(run_dir, dtype=dtype, attention=attention)
     tokenizer = load_tokenizer_for(run_dir, config)
 
-    model = nnx.eval_shape(lambda: signclip_model.SignCLIP(mcfg, rngs=nnx.Rngs(0)))
+    shapes = signclip_model.abstract_model(mcfg)
     abstract = {
-        "model": nnx.state(model, nnx.Param),
+        "model": nnx.state(shapes, nnx.Param),
         "loss": losses.init_loss_params(config.loss.name, config.loss),
     }
     replicated = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -170,7 +170,7 @@ def load_run(
         raise UserError(
             f"{step_dir}: the checkpoint does not match {run_dir / MODEL_CONFIG_FILE} ({e})"
         ) from None
-    model = _materialise(mcfg, params["model"])
+    model = _materialise(shapes, params["model"])
     model.eval()
     return Run(
         config=config,
@@ -184,24 +184,17 @@ def load_run(
     )
 
 
-def _materialise(mcfg: signclip_model.SignCLIPConfig, params: Any) -> signclip_model.SignCLIP:
-    """A concrete SignCLIP holding `params` (no random init of the large tensors)."""
-    abstract = nnx.eval_shape(lambda: signclip_model.SignCLIP(mcfg, rngs=nnx.Rngs(0)))
-    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
-    rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
-    rest = _real_rngs(rest)
-    return nnx.merge(graphdef, params, rest)
+def _materialise(shapes: signclip_model.SignCLIP, params: Any) -> signclip_model.SignCLIP:
+    """A concrete SignCLIP from the shape-only one and `params` (no random init of the large
+    tensors). Non-parameter state gets zeros; RNG keys (unused in eval) a fixed key."""
 
-
-def _real_rngs(rest: Any) -> Any:
-    """eval_shape leaves RNG keys abstract; give them concrete (unused in eval) keys."""
-
-    def fix(x):
+    def concrete(x):
         if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             return jax.random.key(0)
-        return x
+        return jnp.zeros(x.shape, x.dtype)
 
-    return jax.tree.map(fix, rest)
+    graphdef, _, rest = nnx.split(shapes, nnx.Param, ...)
+    return nnx.merge(graphdef, params, jax.tree.map(concrete, rest))
 
 
 # ---------------------------------------------------------------------------------- embedding

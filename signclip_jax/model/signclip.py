@@ -357,6 +357,11 @@ def build_model(cfg, *, rngs: nnx.Rngs, bert_config: BertConfig | None = None) -
     return SignCLIP(model_config(cfg, bert_config=bert_config), rngs=rngs)
 
 
+def abstract_model(mcfg: SignCLIPConfig) -> SignCLIP:
+    """A shape-only SignCLIP (jax.ShapeDtypeStruct leaves): nothing is allocated or drawn."""
+    return nnx.eval_shape(lambda: SignCLIP(mcfg, rngs=nnx.Rngs(0)))
+
+
 @dataclasses.dataclass
 class InitReport:
     """`init_from_pretrained` accounting, per tower."""
@@ -449,6 +454,7 @@ __all__ = [
     "PRESETS",
     "SignCLIP",
     "SignCLIPConfig",
+    "abstract_model",
     "build_model",
     "count_params",
     "from_state_dict",
