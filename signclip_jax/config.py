@@ -143,3 +143,21 @@ def apply_overrides(config, overrides: Iterable[str], *, new_keys: bool | Collec
             node[leaf] = None
             node[leaf] = value
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines of the commands that load a trained model.
+
+
+def add_checkpoint_args(parser) -> None:
+    """--workdir | --checkpoint (one required) and --which: how embed, serve and convert name
+    the checkpoint to load (argparse)."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (its latest or best checkpoint)")
+    src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/N)")
+    parser.add_argument(
+        "--which",
+        default="latest",
+        choices=("latest", "best"),
+        help="checkpoint of --workdir to use (default: latest)",
+    )

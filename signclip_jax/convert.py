@@ -614,10 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer, loaded by signclip_jax.torch_twin.TorchSignCLIP.from_pretrained(DIR).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="training workdir (its latest or best checkpoint)")
-    src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/N)")
-    t.add_argument("--which", default="latest", choices=("latest", "best"), help="with --workdir")
+    config_lib.add_checkpoint_args(t)
     t.add_argument("--format", required=True, choices=FORMATS)
     t.add_argument("--out", required=True, help="FILE.pt for mmpt, a folder for hf")
     t.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="tensor dtype")

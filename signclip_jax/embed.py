@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from signclip_jax import config as config_lib
 from signclip_jax.errors import UserError, run_cli
 
 POSE_SUFFIX = ".pose"
@@ -201,15 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="training workdir (uses its latest or best checkpoint)")
-    src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/N)")
-    p.add_argument(
-        "--which",
-        default="latest",
-        choices=("latest", "best"),
-        help="checkpoint of --workdir to use (default: latest)",
-    )
+    config_lib.add_checkpoint_args(p)
     p.add_argument(
         "--poses",
         nargs="+",

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from signclip_jax import config as config_lib
 from signclip_jax.errors import DataError, UserError, run_cli
 
 log = logging.getLogger("signclip_jax.serve")
@@ -648,10 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="training workdir (its latest or best checkpoint)")
-    src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/N)")
-    p.add_argument("--which", default="latest", choices=("latest", "best"))
+    config_lib.add_checkpoint_args(p)
     p.add_argument("--port", type=int, required=True)
     p.add_argument(
         "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)"
