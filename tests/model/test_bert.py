@@ -13,6 +13,7 @@ from flax import nnx
 
 from signclip_jax.data.text import bundled_minilm_path, encode_texts, load_tokenizer
 from signclip_jax.errors import DataError, UserError
+from signclip_jax.model import bert as bert_lib
 from signclip_jax.model.bert import (
     PRESETS,
     BertConfig,
@@ -316,3 +317,56 @@ def test_dropout_train_eval_and_remat():
         assert p1 == p2
         assert np.isfinite(v1.get_value()).all()
         np.testing.assert_allclose(v1.get_value(), v2.get_value(), atol=1e-5, rtol=1e-4)
+
+
+def _qkv(rng: np.random.Generator, b: int = 3, s: int = 9, heads: int = 2, dim: int = 8):
+    q, k, v = (jnp.asarray(rng.normal(size=(b, s, heads, dim)), jnp.float32) for _ in range(3))
+    lengths = np.array([s, 5, 1])[:b]
+    mask = jnp.asarray(np.arange(s)[None] < lengths[:, None])
+    return q, k, v, mask
+
+
+def test_attention_dropout_matches_explicit_dropout_and_its_gradients():
+    # The checkpointed attention draws its mask exactly as nnx.Dropout does on the
+    # probabilities, so values and gradients equal the plain explicit form.
+    q, k, v, mask = _qkv(np.random.default_rng(0))
+    key, rate = jax.random.key(7), 0.3
+
+    def explicit(q, k, v):
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = nnx.Dropout(rate)(jax.nn.softmax(logits, -1), deterministic=False, rngs=key)
+        return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+    fused = lambda q, k, v: bert_lib._attention_with_dropout(q, k, v, mask, key, rate)
+    np.testing.assert_allclose(fused(q, k, v), explicit(q, k, v), atol=1e-6)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
+    g_fused = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2)))(q, k, v)
+    g_plain = jax.jit(jax.grad(loss(explicit), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g_fused, g_plain, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # A different key draws a different mask.
+    other = bert_lib._attention_with_dropout(q, k, v, mask, jax.random.key(8), rate)
+    assert not np.allclose(other, fused(q, k, v))
+
+
+@pytest.mark.parametrize("seq", [9, 10])
+def test_cudnn_attention_pads_odd_lengths(monkeypatch, seq):
+    # cuDNN's masked kernels need an even length; the odd-length path pads one masked key and
+    # query and drops it. Checked on CPU by standing XLA's attention in for cuDNN's.
+    q, k, v, mask = _qkv(np.random.default_rng(2), s=seq)
+    reference = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+    real = jax.nn.dot_product_attention
+    seen = []
+
+    def stand_in(q, k, v, *, mask, implementation):
+        assert implementation == "cudnn" and mask.shape == (3, 1, q.shape[1], q.shape[1])
+        seen.append(q.shape[1])
+        return real(q, k, v, mask=mask, implementation="xla")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    out = bert_lib._cudnn_attention(q, k, v, mask)
+    assert seen == [seq + seq % 2]
+    assert out.shape == reference.shape
+    np.testing.assert_allclose(out, reference, atol=1e-6)
