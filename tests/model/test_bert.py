@@ -370,3 +370,17 @@ def test_cudnn_attention_pads_odd_lengths(monkeypatch, seq):
     assert seen == [seq + seq % 2]
     assert out.shape == reference.shape
     np.testing.assert_allclose(out, reference, atol=1e-6)
+
+
+def test_attention_dropout_keeps_no_score_sized_residuals(capsys):
+    # Gradients keep q, k, v (and the mask and key), never a [B, N, S, S] array: those were
+    # ~20 bytes per score at batch 256 x 258 tokens, ~4 GB per layer.
+    from jax.ad_checkpoint import print_saved_residuals
+
+    q, k, v, mask = _qkv(np.random.default_rng(3))
+    f = lambda q, k, v: bert_lib._attention_with_dropout(q, k, v, mask, jax.random.key(0), 0.1)
+    print_saved_residuals(lambda q, k, v: f(q, k, v).sum(), q, k, v)
+    saved = capsys.readouterr().out.strip().splitlines()
+    b, s, n, _ = q.shape
+    assert len(saved) >= 3 and sum("from the argument" in line for line in saved) == 3
+    assert not any(f"[{b},{n},{s},{s}]" in line for line in saved), saved
