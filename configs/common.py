@@ -23,6 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.init_from = ""  # a checkpoint step dir or workdir to start from (fine-tuning)
     c.max_bad_steps = 100  # NaN/inf steps are skipped; more than this many fails the run
+    # Persistent XLA compilation cache ("" = off; gs:// works). One train step of the original
+    # recipe took ~100 s to compile on an H100 (BENCHMARKS.md), and every padded length
+    # (data.length_buckets) is its own program: a restart or a second run reads them back.
+    c.compilation_cache_dir = "~/.cache/signclip_jax/jax_cache"
 
     c.model = ml_collections.ConfigDict()
     c.model.text_model = "bert-base-cased"  # HF folder or hub name (tokenizer and weights)

@@ -77,9 +77,16 @@ def _train(config, workdir: str) -> dict[str, Any]:
     from signclip_jax.data import pipeline, sources, text
     from signclip_jax.errors import UserError
     from signclip_jax.model import signclip as signclip_model
-    from signclip_jax.train_utils import MetricWriter, Progress, model_inputs, validate
+    from signclip_jax.train_utils import (
+        MetricWriter,
+        Progress,
+        enable_compilation_cache,
+        model_inputs,
+        validate,
+    )
 
     jax.config.update("jax_threefry_partitionable", True)
+    enable_compilation_cache(config.get("compilation_cache_dir"))
 
     #### Set up: workdir, resolved config.
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO

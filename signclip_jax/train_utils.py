@@ -56,6 +56,23 @@ class MetricWriter:
             self._tb.close()
 
 
+def enable_compilation_cache(path: str | None) -> str | None:
+    """Points JAX's persistent compilation cache at `path` (~ expanded; gs:// allowed).
+
+    Returns the directory used, or None when `path` is empty.
+    XLA:GPU also keeps its per-fusion autotuning results there.
+    """
+    if not path:
+        return None
+    import os
+
+    import jax
+
+    path = path if "://" in path else os.path.expanduser(path)
+    jax.config.update("jax_compilation_cache_dir", path)  # also after earlier compiles (tested)
+    return path
+
+
 def _plain(v):
     if isinstance(v, (np.floating, np.integer)):
         return v.item()

@@ -6,6 +6,9 @@ the tokenizer is still the bundled MiniLM one. The mesh spans the 8 host CPU dev
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +321,21 @@ def test_finetune_from_a_checkpoint_step_and_config_errors(tmp_path, tiny_workdi
 
     run_dir, step_dir = inference.resolve_run_dir(tiny_workdir / "checkpoints" / "2")
     assert run_dir == tiny_workdir and step_dir.name == "2"
+
+
+def test_compilation_cache_is_written_even_after_a_first_compile(tmp_path):
+    # config.compilation_cache_dir: "~" expands, and enabling it after this process has
+    # compiled something still takes effect (JAX otherwise decides once, at the first compile).
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from signclip_jax.train_utils import enable_compilation_cache\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "jax.jit(lambda x: x + 1)(jnp.ones(3))\n"
+        "print(enable_compilation_cache('~/xla-cache'))\n"
+        "jax.jit(lambda x: x * 2 + 1)(jnp.ones(3))\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(tmp_path / "xla-cache")
+    assert any((tmp_path / "xla-cache").iterdir())
