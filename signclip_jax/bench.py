@@ -926,6 +926,9 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         # The twin runs first, in its own process, while JAX holds no device memory yet: no
         # up-front grab of 75% of the GPU, so the twin finds the memory free.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from signclip_jax.train_utils import enable_compilation_cache
+
+    enable_compilation_cache(args.compilation_cache)  # the config's cache is not used here
     jax_bench = _JaxBench(config, mcfg, plan, args)  # checks devices and divisibility first
 
     results = []
@@ -1004,6 +1007,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "fast_compile": args.fast_compile,
+            "compilation_cache": args.compilation_cache,
         },
         "machine": {
             "backend": jax.default_backend(),
@@ -1148,6 +1152,11 @@ def _add_train(sub) -> None:
         "--fast_compile", action="store_true",
         help="XLA backend optimisation level 0: compiles several times faster on CPU, runs "
         "slower; for smoke tests, not for numbers",
+    )  # fmt: skip
+    p.add_argument(
+        "--compilation_cache", metavar="DIR",
+        help="persistent XLA compilation cache (off by default, so that 'compile' is a real "
+        "compile; with it, a repeated shape's compile time is a cache read)",
     )  # fmt: skip
     p.add_argument(
         "--profile", metavar="DIR",

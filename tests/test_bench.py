@@ -125,11 +125,18 @@ def test_train_bench_tiny_with_twin(tmp_path, capsys):
 
 @pytest.mark.slow  # one XLA compile (~10-25 s on 2 loaded cores)
 def test_train_bench_lengths_microbatches(tmp_path, capsys):
-    out = tmp_path / "train.json"
-    stdout = _bench_in_process(
-        capsys, *TINY_TRAIN, "--lengths=spreadthesign", "--sort_by_length", "--microbatches=2",
-        "--devices=2", "--set", "data.max_frames=96", f"--out={out}",
-    )  # fmt: skip
+    import jax
+
+    out, cache, trace = tmp_path / "train.json", tmp_path / "cache", tmp_path / "trace"
+    try:
+        stdout = _bench_in_process(
+            capsys, *TINY_TRAIN, "--lengths=spreadthesign", "--sort_by_length",
+            "--microbatches=2", "--devices=2", "--set", "data.max_frames=96", f"--out={out}",
+            f"--compilation_cache={cache}", f"--profile={trace}",
+        )  # fmt: skip
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)  # the rest of the session
+    assert any(cache.iterdir()) and list(trace.rglob("*.xplane.pb"))
     result = json.loads(out.read_text())
     (row,) = result["results"]
     _check_row(row, 8, 2)
@@ -141,6 +148,36 @@ def test_train_bench_lengths_microbatches(tmp_path, capsys):
     assert batch["mean_pose_frames"] == pytest.approx(96 * batch["useful_frame_fraction"])
     assert result["jax_over_twin"] is None
     assert "spreadthesign" in stdout and "useful" in stdout and "torch twin" not in stdout
+    assert result["timing"]["compilation_cache"] == str(cache)
+
+
+def test_train_bench_keeps_the_twin_when_jax_fails(tmp_path, capsys, monkeypatch):
+    # Out of memory in the JAX step (as at batch 448 on an H100) must not lose the twin's
+    # numbers, which were measured first. No compile: both sides are stood in for.
+    from signclip_jax import bench
+    from signclip_jax.errors import UserError
+
+    def jax_fails(self):
+        raise UserError("out of device memory at batch 8: lower --batch_size")
+
+    twin = {
+        "impl": "torch twin", "device": "cpu", "devices": 1, "compile_s": None,
+        "first_step_s": 0.5, "repeat_s": [0.2], "median_s": 0.2, "precision": "fp32",
+        "peak_memory_bytes": 2**30, "memory_measure": "process max RSS", "loss": 4.1,
+    }  # fmt: skip
+    monkeypatch.setattr(bench._JaxBench, "run", jax_fails)
+    monkeypatch.setattr(bench, "run_twin", lambda spec, plan: dict(twin))
+    out = tmp_path / "train.json"
+    stdout = _bench_in_process(capsys, *TINY_TRAIN, "--frames=32", "--twin", f"--out={out}")
+    result = json.loads(out.read_text())
+    jax_row, twin_row = result["results"]
+    assert jax_row == {
+        "impl": "jax",
+        "error": "out of device memory at batch 8: lower --batch_size",
+    }
+    assert twin_row["samples_per_s"] == pytest.approx(8 * 2 / 0.2)
+    assert result["jax_over_twin"] is None and result["model"]["params"] is None
+    assert "jax: FAILED: out of device memory" in stdout and "torch twin" in stdout
 
 
 def test_train_flops_per_sample():
