@@ -656,9 +656,11 @@ class _JaxBench:
             raise
         loss = float(metrics["loss"])
         memory, measure = _jax_peak_memory(self.devices)  # before profiling can add to it
+        profile = None
         if args.profile:
             with jax.profiler.trace(args.profile):
                 steps(2)
+            profile = summarize_trace(args.profile, steps=2)
         step_flops = _step_flops(mcfg, plan)
         kind = self.devices[0].device_kind
         peak = peak_tflops(kind, mcfg.dtype)
@@ -682,7 +684,49 @@ class _JaxBench:
             "params": params,
             "xla": {str(k): v for k, v in xla.items()},
             "peak_tflops_per_device": peak,
+            "profile": profile,
         }
+
+
+# Kernel-name patterns -> what the time is spent on (first match wins).
+TRACE_CATEGORIES = (
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("attention (cuDNN)", ("cudnn", "sdpa", "flash")),
+    ("random bits (dropout)", ("xor", "threefry", "philox", "rng")),
+    ("copies", ("memcpy", "memset", "copy")),
+)
+
+
+def summarize_trace(trace_dir: str, steps: int) -> dict[str, Any] | None:
+    """Device time per step by kernel category, from the newest `*.trace.json.gz` under
+    `trace_dir` (what `jax.profiler.trace` writes). None when the trace has no device
+    timeline (CPU). "other fusions" holds XLA's elementwise and reduction kernels."""
+    import gzip
+
+    traces = sorted(Path(trace_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not traces:
+        return None
+    with gzip.open(traces[-1]) as f:
+        events = json.load(f).get("traceEvents", [])
+    devices = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and str(e.get("args", {}).get("name", "")).startswith("/device:")
+    }
+    ms: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in devices:
+            continue
+        name = str(e.get("name", "")).lower()
+        kind = next((k for k, pats in TRACE_CATEGORIES if any(p in name for p in pats)), None)
+        kind = kind or "other fusions"
+        ms[kind] = ms.get(kind, 0.0) + float(e.get("dur", 0)) / 1e3 / steps
+    if not ms:
+        return None
+    return {"device_ms_per_step": dict(sorted(ms.items(), key=lambda kv: -kv[1])),
+            "trace": str(traces[-1])}  # fmt: skip
 
 
 def _step_flops(mcfg, plan: BatchPlan) -> float:
@@ -1085,6 +1129,13 @@ def print_train(result: dict[str, Any]) -> None:
         print("MFU: n/a where the device's peak FLOP/s is unknown (CPU)")
     if result["jax_over_twin"] is not None:
         print(f"JAX / twin samples/s: {result['jax_over_twin']:.2f}x")
+    for r in result["results"]:
+        if r.get("profile"):
+            parts = r["profile"]["device_ms_per_step"]
+            total = sum(parts.values())
+            print(f"device time per step ({total:.1f} ms, from {r['profile']['trace']}): "
+                  + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)"
+                              for k, v in parts.items()))  # fmt: skip
 
 
 def _add_train(sub) -> None:

@@ -137,6 +137,7 @@ def test_train_bench_lengths_microbatches(tmp_path, capsys):
     finally:
         jax.config.update("jax_compilation_cache_dir", None)  # the rest of the session
     assert any(cache.iterdir()) and list(trace.rglob("*.xplane.pb"))
+    assert "profile" in json.loads(out.read_text())["results"][0]  # None on CPU: no device
     result = json.loads(out.read_text())
     (row,) = result["results"]
     _check_row(row, 8, 2)
@@ -302,3 +303,35 @@ def test_train_help_and_bad_arguments():
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, args
+
+
+def test_summarize_trace_groups_device_kernels(tmp_path):
+    import gzip
+
+    from signclip_jax import bench
+
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/host:CPU"}},
+    ]
+    kernels = [  # (pid, name, microseconds)
+        (1, "nvjet_sm90_tst_192x192_NTN", 3000), (1, "gemm_fusion_dot_1", 1000),
+        (1, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 2000),
+        (1, "loop_compare_xor_fusion", 500), (1, "input_add_reduce_fusion", 1500),
+        (7, "python3", 99000),  # host time is not device time
+    ]  # fmt: skip
+    events = meta + [{"ph": "X", "pid": p, "name": n, "dur": d} for p, n, d in kernels]
+    path = tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = bench.summarize_trace(str(tmp_path), steps=2)
+    assert summary["trace"] == str(path)
+    assert summary["device_ms_per_step"] == {
+        "matmul": 2.0, "attention (cuDNN)": 1.0, "other fusions": 0.75,
+        "random bits (dropout)": 0.25,
+    }  # fmt: skip
+    assert list(summary["device_ms_per_step"]) == [
+        "matmul", "attention (cuDNN)", "other fusions", "random bits (dropout)",
+    ]  # fmt: skip
+    assert bench.summarize_trace(str(tmp_path / "none"), steps=2) is None
