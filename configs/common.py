@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prompt_template = "spreadthesign"
     c.data.text_max_len = 64
     c.data.length_buckets = ()  # e.g. (64, 128, 256); empty -> always pad to max_frames
+    # K > 1: training sorts each window of K batches by clip length before cutting batches, so
+    # the buckets pad less (without it the longest of 448 clips is nearly always > 192 frames).
+    # Batches then hold clips of similar length (their negatives too). 0 = off, as the original.
+    c.data.length_group_batches = 0
     c.data.workers = 4
     c.data.max_bad_fraction = 0.01
     c.data.augment = ml_collections.ConfigDict()

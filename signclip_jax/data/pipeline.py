@@ -5,6 +5,8 @@
       caption -> prompt -> (text_ids, text_mask); a bad example becomes a marker, not an error
   main process: count and drop markers (or, in eval, turn them into invalid rows) -> batch ->
       pad to max_frames or to the smallest length bucket holding the longest clip
+      (training with data.length_group_batches = K: windows of K batches, sorted by clip
+      length, cut into K batches, emitted in a seeded order)
 
 Worker prefetch sits *before* batching, so batches do not depend on the number of workers
 (grain pitfall 6b), and augmentation draws from an rng derived from (seed, epoch, source
@@ -21,7 +23,7 @@ different L; pad every process to a common length (`pad_to_length`, e.g. the all
 maximum) before assembling a global array, or leave data.length_buckets empty.
 
 config.data keys read here (all optional): max_frames, pose_components, include_z,
-prompt_template, text_max_len, length_buckets, augment (keyword arguments of
+prompt_template, text_max_len, length_buckets, length_group_batches, augment (keyword arguments of
 augment.augment), max_bad_fraction, bad_check_min, workers, read_threads, prefetch,
 worker_buffer, min_shm_bytes, sign_language / spoken_language (defaults for records without
 one), signed_names (code -> name for the {signed_name} prompt field).
@@ -73,6 +75,9 @@ class InputSettings:
     spoken_language: str = "en"
     signed_names: tuple[tuple[str, str], ...] = ()  # code -> name for {signed_name}
     gloss_style: str = "none"  # ISLR gloss clean-up before the template (text.normalize_gloss)
+    # Training only: sort each window of K batches' examples by length, cut it into K batches
+    # and shuffle their order (0/1 = off), so that length buckets can pad less.
+    length_group_batches: int = 0
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -117,6 +122,14 @@ def settings_from_config(config) -> InputSettings:
     buckets = tuple(_cfg(data, "length_buckets", ()) or ())
     if any(not isinstance(b, int) or b <= 0 for b in buckets):
         raise UserError(f"data.length_buckets must be positive integers, got {buckets}")
+    group = int(_cfg(data, "length_group_batches", 0))
+    if group < 0:
+        raise UserError(f"data.length_group_batches must be >= 0, got {group}")
+    if group > 1 and not buckets:
+        raise UserError(
+            "data.length_group_batches groups clips of similar length so that "
+            "data.length_buckets can pad less; set data.length_buckets too (e.g. (64, 128, 192))"
+        )
     fraction = float(_cfg(data, "max_bad_fraction", 0.01))
     if not 0 <= fraction <= 1:
         raise UserError(f"data.max_bad_fraction must be in [0, 1], got {fraction}")
@@ -138,6 +151,7 @@ def settings_from_config(config) -> InputSettings:
         spoken_language=str(_cfg(data, "spoken_language", "en")),
         signed_names=tuple(sorted(dict(names).items())),
         gloss_style=_gloss_style(str(_cfg(data, "gloss_style", "none"))),
+        length_group_batches=group,
     )
 
 
@@ -531,6 +545,34 @@ def pad_to_length(batch: dict[str, np.ndarray], length: int) -> dict[str, np.nda
     return out
 
 
+class _LengthGroups(grain.experimental.FlatMapTransform):
+    """(window number, K x B examples) -> K collated batches of clips of similar length.
+
+    The examples are sorted by frame count and cut into K batches, which come out in an order
+    drawn from (seed, window number): the same order on every process, so that the k-th
+    batches of all processes come from the same length range and a multi-host run's common
+    padded length stays short. Deterministic given the window, as grain's resume needs: a
+    restored iterator re-reads the current window and continues inside it.
+
+    Contrastive note: a batch then holds clips of similar length, so its negatives do too.
+    """
+
+    def __init__(self, collate: _Collate, batch_size: int, groups: int, seed: int):
+        self.collate, self.batch_size, self.max_fan_out = collate, batch_size, groups
+        self.seed = seed
+
+    def flat_map(self, element):
+        window_number, examples = element
+        order = sorted(range(len(examples)), key=lambda i: examples[i]["features"].shape[0])
+        b = self.batch_size
+        batches = [
+            self.collate([examples[i] for i in order[k * b : (k + 1) * b]])
+            for k in range(len(order) // b)
+        ]
+        rng = np.random.default_rng([self.seed % 2**32, int(window_number)])
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+
 # ---------------------------------------------------------------------------------------------
 # Iterators.
 
@@ -581,7 +623,9 @@ def _ensure_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _finish(ds, source, settings, tokenizer, *, drop, what, batch_size, drop_remainder):
+def _finish(
+    ds, source, settings, tokenizer, *, drop, what, batch_size, drop_remainder, group_seed=None
+):
     workers = settings.workers
     it = ds.to_iter_dataset(
         grain.ReadOptions(
@@ -607,7 +651,15 @@ def _finish(ds, source, settings, tokenizer, *, drop, what, batch_size, drop_rem
         pad_text={"text_ids": ids, "text_mask": mask},
     )  # fmt: skip
     collate = _Collate(settings, with_prompt=not drop)
-    batched = skipper.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
+    groups = settings.length_group_batches
+    if group_seed is None or groups <= 1:
+        batched = skipper.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
+    else:
+        windows = skipper.batch(groups * batch_size, drop_remainder=True, batch_fn=list)
+        windows = windows.map_with_index(lambda number, examples: (number, examples))
+        batched = grain.experimental.FlatMapIterDataset(
+            windows, _LengthGroups(collate, batch_size, groups, group_seed)
+        )
     return batched, skipper
 
 
@@ -648,7 +700,7 @@ def make_train_iterator(
     )  # fmt: skip
     batched, skipper = _finish(
         ds, source, settings, tokenizer, drop=True, what="training data",
-        batch_size=batch_size_per_process, drop_remainder=True,
+        batch_size=batch_size_per_process, drop_remainder=True, group_seed=seed,
     )  # fmt: skip
     return InputIterator(batched.__iter__(), skipper)
 
