@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -183,10 +184,19 @@ def bench_input(args: argparse.Namespace) -> dict[str, Any]:
                     batches=args.batches,
                 )  # fmt: skip
                 rows.append({"reader": label, "workers": workers, "what": "grain pipeline", **r})
+    # How many worker processes (~CPU cores) keep one accelerator fed at --step_rate, from the
+    # single-process per-example rate (the work a worker does).
+    workers_needed = {
+        r["reader"]: math.ceil(args.step_rate / r["per_worker"])
+        for r in rows
+        if r["what"] == "per-example work" and r["per_worker"] > 0
+    }
     return {
         "mode": "input",
         "source": args.source,
         "examples": n,
+        "step_rate": args.step_rate,
+        "workers_per_accelerator": workers_needed,
         "augment": not args.no_augment,
         "dtype": args.dtype if not args.shards else "as packed",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -232,6 +242,11 @@ def print_input(result: dict[str, Any]) -> None:
             ],
         )
     )
+    for reader, workers in result["workers_per_accelerator"].items():
+        print(
+            f"{reader}: {workers} worker processes (CPU cores) per accelerator to feed "
+            f"{result['step_rate']:g} samples/s"
+        )
 
 
 def _add_input(sub) -> None:
@@ -261,6 +276,11 @@ def _add_input(sub) -> None:
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     p.add_argument("--no_augment", action="store_true", help="skip temporal augmentation")
     p.add_argument("--text_model", default="minilm", help="tokenizer (folder, hub name, minilm)")
+    p.add_argument(
+        "--step_rate", type=float, default=2000.0,
+        help="samples/s one accelerator consumes (default: the H100 target of BENCHMARKS.md), "
+        "for the workers-per-accelerator line",
+    )  # fmt: skip
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(run=bench_input, show=print_input)
 
