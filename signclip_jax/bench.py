@@ -142,6 +142,8 @@ def time_pipeline(source, data, tokenizer, *, workers: int, batch_size: int, bat
 
 
 def bench_input(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.step_rate > 0:
+        raise UserError(f"--step_rate must be > 0 samples/s, got {args.step_rate:g}")
     from signclip_jax.data import sources, text
     from signclip_jax.prepare import pack
 

@@ -60,6 +60,9 @@ def test_help_and_bad_arguments():
     assert r.returncode == 2 and "--workers" in r.stderr and "Traceback" not in r.stderr
     r = _run()
     assert r.returncode == 2  # a mode is required
+    r = _run("input", "--step_rate=0")
+    assert r.returncode == 2 and "--step_rate must be > 0" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 # ------------------------------------------------------------------------------------ train

@@ -367,3 +367,5 @@ def test_length_groups_sort_windows_and_resume_exactly(synth, tokenizer):
     # Without buckets grouping cannot pad less: a clear error.
     with pytest.raises(UserError, match="length_buckets"):
         pipeline.make_train_iterator(synth, _config(length_group_batches=4), **kw)
+    with pytest.raises(UserError, match="length_group_batches must be >= 0"):
+        pipeline.make_train_iterator(synth, _config(**buckets, length_group_batches=-1), **kw)
