@@ -719,10 +719,12 @@ TRACE_CATEGORIES = (
 )
 
 
-def summarize_trace(trace_dir: str, steps: int) -> dict[str, Any] | None:
+def summarize_trace(trace_dir: str, steps: int, top_kernels: int = 20) -> dict[str, Any] | None:
     """Device time per step by kernel category, from the newest `*.trace.json.gz` under
     `trace_dir` (what `jax.profiler.trace` writes). None when the trace has no device
-    timeline (CPU). "other fusions" holds XLA's elementwise and reduction kernels."""
+    timeline (CPU). "other fusions" holds XLA's elementwise and reduction kernels.
+    `top_kernels`: how many of the costliest kernels (by name, with ms and launches per step)
+    to list."""
     import gzip
 
     traces = sorted(Path(trace_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
@@ -738,16 +740,25 @@ def summarize_trace(trace_dir: str, steps: int) -> dict[str, Any] | None:
         and str(e.get("args", {}).get("name", "")).startswith("/device:")
     }
     ms: dict[str, float] = {}
+    kernels: dict[str, list] = {}  # name -> [ms per step, launches per step]
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in devices:
             continue
-        name = str(e.get("name", "")).lower()
-        kind = next((k for k, pats in TRACE_CATEGORIES if any(p in name for p in pats)), None)
+        name = str(e.get("name", ""))
+        low = name.lower()
+        kind = next((k for k, pats in TRACE_CATEGORIES if any(p in low for p in pats)), None)
         kind = kind or "other fusions"
-        ms[kind] = ms.get(kind, 0.0) + float(e.get("dur", 0)) / 1e3 / steps
+        dur = float(e.get("dur", 0)) / 1e3 / steps
+        ms[kind] = ms.get(kind, 0.0) + dur
+        entry = kernels.setdefault(name, [0.0, 0.0])
+        entry[0] += dur
+        entry[1] += 1 / steps
     if not ms:
         return None
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top_kernels]
     return {"device_ms_per_step": dict(sorted(ms.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": k, "ms_per_step": v[0], "launches_per_step": v[1]}
+                            for k, v in top],
             "trace": str(traces[-1])}  # fmt: skip
 
 
@@ -1158,6 +1169,9 @@ def print_train(result: dict[str, Any]) -> None:
             print(f"device time per step ({total:.1f} ms, from {r['profile']['trace']}): "
                   + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)"
                               for k, v in parts.items()))  # fmt: skip
+            for k in r["profile"].get("top_kernels", [])[:10]:
+                ms, n = k["ms_per_step"], k["launches_per_step"]
+                print(f"  {ms:8.2f} ms  x{n:<5g} {k['name'][:90]}")
 
 
 def _add_train(sub) -> None:

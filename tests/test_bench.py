@@ -344,4 +344,9 @@ def test_summarize_trace_groups_device_kernels(tmp_path):
     assert list(summary["device_ms_per_step"]) == [
         "matmul", "attention (cuDNN)", "other fusions", "random bits (dropout)",
     ]  # fmt: skip
+    top = bench.summarize_trace(str(tmp_path), steps=2, top_kernels=2)["top_kernels"]
+    assert [(k["name"], k["ms_per_step"], k["launches_per_step"]) for k in top] == [
+        ("nvjet_sm90_tst_192x192_NTN", 1.5, 0.5),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 1.0, 0.5),
+    ]
     assert bench.summarize_trace(str(tmp_path / "none"), steps=2) is None
