@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     # the buckets pad less (without it the longest of 448 clips is nearly always > 192 frames).
     # Batches then hold clips of similar length (their negatives too). 0 = off, as the original.
     c.data.length_group_batches = 0
+    # Host dtype of the poses. auto: model.dtype when it is 16-bit (the same embeddings bit for
+    # bit, half the bytes to move and hold), else float32.
+    c.data.pose_dtype = "auto"
     c.data.workers = 4
     c.data.max_bad_fraction = 0.01
     c.data.augment = ml_collections.ConfigDict()

@@ -16,6 +16,12 @@ Modes (subcommands; each registers itself in MODES):
   python -m signclip_jax.bench train --bert=tiny --batch_size=8 --frames=32 --steps=2
   python -m signclip_jax.bench train --config=configs/spreadthesign.py --bert=bert-base-cased \
       --batch_size=448 --dtype=bfloat16 --attention=cudnn --twin --out=bench_train.json
+
+  lengths padding and analytic FLOPs per clip of length buckets and length-grouping windows on
+          the Spreadthesign length model (no model runs): what bucketing can save at most.
+
+  python -m signclip_jax.bench lengths --bert=bert-base-cased --buckets=none \
+      --buckets=62,94,126,158,190,222 --windows=1,8,32
 """
 
 from __future__ import annotations
@@ -74,9 +80,12 @@ def _input_config(args: argparse.Namespace, synthetic_dir: str | None):
     import ml_collections
 
     if args.config:
+        from signclip_jax.data import pipeline
         from signclip_jax.prepare import load_config_file
 
-        data = ml_collections.ConfigDict(load_config_file(args.config).data.to_dict())
+        full = load_config_file(args.config)
+        data = ml_collections.ConfigDict(full.data.to_dict())
+        data.pose_dtype = pipeline.settings_from_config(full).pose_dtype  # resolve "auto"
     else:
         data = ml_collections.ConfigDict()
         data.augment = ml_collections.ConfigDict({"temporal": True})  # the original recipe
@@ -91,6 +100,8 @@ def _input_config(args: argparse.Namespace, synthetic_dir: str | None):
             data[key] = value
     if args.no_augment:
         data.augment = ml_collections.ConfigDict()
+    if args.pose_dtype != "auto":
+        data.pose_dtype = args.pose_dtype
     data.max_bad_fraction = 1.0  # measuring speed, not policing data
     return data
 
@@ -144,7 +155,7 @@ def time_pipeline(source, data, tokenizer, *, workers: int, batch_size: int, bat
 def bench_input(args: argparse.Namespace) -> dict[str, Any]:
     if not args.step_rate > 0:
         raise UserError(f"--step_rate must be > 0 samples/s, got {args.step_rate:g}")
-    from signclip_jax.data import sources, text
+    from signclip_jax.data import pipeline, sources, text
     from signclip_jax.prepare import pack
 
     with contextlib.ExitStack() as stack:
@@ -165,8 +176,6 @@ def bench_input(args: argparse.Namespace) -> dict[str, Any]:
         if args.shards:
             packed_dir = args.shards
         else:  # pack the first n examples to compare like with like
-            from signclip_jax.data import pipeline
-
             spec = pipeline.settings_from_config(data).spec
             subset = _Subset(pose_source, n)
             packed_dir = str(tmp / "packed")
@@ -201,6 +210,7 @@ def bench_input(args: argparse.Namespace) -> dict[str, Any]:
         "workers_per_accelerator": workers_needed,
         "augment": not args.no_augment,
         "dtype": args.dtype if not args.shards else "as packed",
+        "pose_dtype": pipeline.settings_from_config(data).pose_dtype,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "results": rows,
     }
@@ -228,7 +238,8 @@ def print_input(result: dict[str, Any]) -> None:
         row.setdefault("samples_per_s", row["per_worker"])
     print(
         f"input pipeline throughput ({result['examples']} examples, source {result['source']}, "
-        f"augment={result['augment']}, {result['machine']['cpus']} CPUs)"
+        f"augment={result['augment']}, {result['pose_dtype']} poses, "
+        f"{result['machine']['cpus']} CPUs)"
     )
     print(
         _table(
@@ -275,7 +286,15 @@ def _add_input(sub) -> None:
     )
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--batches", type=int, default=8, help="batches timed per pipeline run")
-    p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument(
+        "--dtype", default="float16", choices=("float16", "float32"),
+        help="dtype of the packed shards' points",
+    )  # fmt: skip
+    p.add_argument(
+        "--pose_dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+        help="dtype of the batches' poses (data.pose_dtype; auto: the config's 16-bit "
+        "model.dtype, else float32)",
+    )  # fmt: skip
     p.add_argument("--no_augment", action="store_true", help="skip temporal augmentation")
     p.add_argument("--text_model", default="minilm", help="tokenizer (folder, hub name, minilm)")
     p.add_argument(
@@ -596,14 +615,16 @@ class _JaxBench:
         import numpy as np
 
         from signclip_jax import sharding
+        from signclip_jax.data import pipeline
 
         plan, mcfg = self.plan, self.mcfg
         shard = sharding.batch_sharding(self.mesh, self.batch_axes)
         key = jax.random.key(self.config.seed)
         poses = {}
+        dtype = pipeline.numpy_dtype(pipeline.settings_from_config(self.config).pose_dtype)
         for i, length in enumerate(sorted({int(x) for x in plan.padded})):
             shape = (plan.batch_size, length, mcfg.pose_dim)
-            make = jax.jit(lambda k, s=shape: jax.random.normal(k, s), out_shardings=shard)
+            make = jax.jit(lambda k, s=shape: jax.random.normal(k, s, dtype), out_shardings=shard)
             poses[length] = make(jax.random.fold_in(key, i))
         rng = np.random.default_rng(self.config.seed)
         vocab = mcfg.bert.vocab_size
@@ -703,6 +724,7 @@ class _JaxBench:
             "memory_measure": measure,
             "loss": loss,
             "attention": attention,
+            "pose_dtype": str(batches[0]["pose"].dtype),  # data.pose_dtype, as training feeds
             "params": params,
             "xla": {str(k): v for k, v in xla.items()},
             "peak_tflops_per_device": peak,
@@ -1258,7 +1280,139 @@ def _add_train(sub) -> None:
 # CLI
 
 # name -> function adding the subcommand's parser (which sets run= and show= defaults).
-MODES: dict[str, Callable[[Any], None]] = {"input": _add_input, "train": _add_train}
+# ---------------------------------------------------------------------------------------------
+# lengths
+
+
+def _bucket_set(raw: str) -> tuple[int, ...]:
+    if raw.strip().lower() in ("", "none", "()"):
+        return ()
+    try:
+        parts = raw.replace("(", "").replace(")", "").split(",")
+        values = tuple(int(x) for x in parts if x.strip())
+    except ValueError:
+        raise UserError(
+            f"--buckets wants comma-separated frame counts or none, got {raw!r}"
+        ) from None
+    if any(v <= 0 for v in values):
+        raise UserError(f"--buckets values must be > 0, got {raw!r}")
+    return values
+
+
+def bench_lengths(args: argparse.Namespace) -> dict[str, Any]:
+    """Padding and training FLOPs per clip of length buckets, with and without length grouping,
+    on the Spreadthesign length model: how much bucketing can save, before any timing."""
+    import numpy as np
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.batches < 1:
+        raise UserError(f"--batches must be >= 1, got {args.batches}")
+    try:
+        windows = [int(w) for w in args.windows.split(",") if w.strip()]
+    except ValueError:
+        raise UserError(
+            f"--windows must be comma-separated integers, got {args.windows!r}"
+        ) from None
+    if not windows or min(windows) < 1:
+        raise UserError(f"--windows must be integers >= 1, got {args.windows!r}")
+    spec = argparse.Namespace(
+        config=args.config, bert=args.bert, overrides=args.overrides, batch_size=args.batch_size,
+        microbatches=None, dtype=None, attention=None, remat=False, seed=None,
+    )  # fmt: skip
+    config = train_config(spec)
+    from signclip_jax.model import signclip as signclip_model
+
+    mcfg = signclip_model.model_config(config)
+    text_len = int(config.data.text_max_len) - 1
+    batch, top = int(config.batch_size), int(mcfg.max_frames)
+    bucket_sets = [_bucket_set(b) for b in args.buckets] if args.buckets else [()]
+    if not args.buckets and tuple(config.data.get("length_buckets", ()) or ()):
+        bucket_sets.append(tuple(config.data.length_buckets))
+    full = train_flops_per_sample(mcfg, top, text_len)
+    rows = []
+    for buckets in bucket_sets:
+        for window in windows:
+            padded, real = [], []
+            for seed in range(max(1, args.batches // window)):
+                plan = plan_batches(
+                    steps=window, batch_size=batch, max_frames=top, text_len=text_len,
+                    buckets=buckets, sort_by_length=window > 1, seed=seed,
+                )  # fmt: skip
+                padded += [int(x) for x in plan.padded]
+                real.append(plan.lengths)
+            flops = float(np.mean([train_flops_per_sample(mcfg, x, text_len) for x in padded]))
+            useful = float(np.concatenate(real).sum()) / (sum(padded) * batch)
+            rows.append({
+                "buckets": "none" if not buckets else ",".join(map(str, buckets)),
+                "window": window, "batches": len(padded),
+                "mean_padded_frames": float(np.mean(padded)), "useful_frame_fraction": useful,
+                "train_gflop_per_sample": flops / 1e9, "speedup_bound": full / flops,
+                "padded_lengths": sorted(set(padded)),
+            })  # fmt: skip
+    return {
+        "mode": "lengths", "batch_size": batch, "max_frames": top, "text_len": text_len,
+        "model": {"hidden_size": mcfg.hidden_size, "video_layers": mcfg.video_layers},
+        "full_length_gflop_per_sample": full / 1e9, "results": rows,
+    }  # fmt: skip
+
+
+def print_lengths(result: dict[str, Any]) -> None:
+    print(
+        f"length buckets on the Spreadthesign length model (batch {result['batch_size']}, "
+        f"max {result['max_frames']} frames: {result['full_length_gflop_per_sample']:.1f} "
+        "GFLOP per clip; window = data.length_group_batches, 1 = random batches)"
+    )
+    for row in result["results"]:
+        row["lengths_used"] = len(row["padded_lengths"])
+        row["useful_pct"] = 100 * row["useful_frame_fraction"]
+    print(
+        _table(
+            result["results"],
+            [
+                ("buckets", "buckets", "s"),
+                ("window", "window", "d"),
+                ("mean_padded_frames", "mean padded frames", ".1f"),
+                ("useful_pct", "useful %", ".1f"),
+                ("train_gflop_per_sample", "GFLOP/clip", ".1f"),
+                ("speedup_bound", "x vs max_frames", ".2f"),
+                ("lengths_used", "compiles", "d"),
+            ],
+        )
+    )
+
+
+def _add_lengths(sub) -> None:
+    p = sub.add_parser(
+        "lengths",
+        help="padding and FLOPs of length buckets and length grouping (no model is run)",
+        description="Mean padded frames, useful-frame fraction and analytic training FLOPs "
+        "per clip for length buckets and length-grouping windows, on batches drawn from the "
+        "Spreadthesign length model (as `train --lengths=spreadthesign`). The speed-up bound "
+        "assumes the step time follows the FLOPs.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--config", help="training config (CONFIG.py[:arg]); default spreadthesign.py")
+    p.add_argument("--bert", choices=BERT_SHORTCUTS, help="model.bert architecture (no download)")
+    p.add_argument("--batch_size", type=int, help="global batch (default: the config's)")
+    p.add_argument(
+        "--buckets", action="append", metavar="F1,F2,...|none",
+        help="a data.length_buckets set to compare (repeat the flag for several; default: none "
+        "and the config's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--windows", default="1,8,32",
+        help="data.length_group_batches values (comma-separated; 1 = random batches)",
+    )  # fmt: skip
+    p.add_argument("--batches", type=int, default=512, help="batches drawn per row")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(run=bench_lengths, show=print_lengths)
+
+
+MODES: dict[str, Callable[[Any], None]] = {
+    "input": _add_input, "train": _add_train, "lengths": _add_lengths,
+}  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):

@@ -128,7 +128,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
     total_steps = config.total_steps or config.num_epochs * steps_per_epoch
     train_iter = pipeline.make_train_iterator(
         train_source,
-        config.data,
+        config,  # the whole config: data.pose_dtype "auto" follows model.dtype
         tokenizer=tokenizer,
         seed=config.seed,
         process_index=jax.process_index(),
@@ -210,7 +210,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
                     embed_eval,
                     state["params"],
                     val_source,
-                    config.data,
+                    config,
                     tokenizer=tokenizer,
                     loss_name=config.loss.name,
                     batch_size=config.batch_size,

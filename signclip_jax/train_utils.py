@@ -160,7 +160,8 @@ def validate(
 
     loss: mean over consecutive chunks of `batch_size` of the training loss (as fairseq's
     validation: mean of per-batch losses); retrieval: both directions on the whole split with
-    the original definitions (signclip_jax.metrics).
+    the original definitions (signclip_jax.metrics). data_cfg: config.data, or the whole
+    config (then data.pose_dtype "auto" follows model.dtype, as in training).
     """
     import jax
 

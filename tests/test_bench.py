@@ -29,12 +29,13 @@ def test_input_bench_tiny(tmp_path):
     out = tmp_path / "bench.json"
     r = _run(
         "input", "--signs=2", "--signers=3", "--n=6", "--workers=0", "--batch_size=2",
-        "--batches=2", "--step_rate=1000", f"--out={out}",
+        "--batches=2", "--step_rate=1000", "--pose_dtype=bfloat16", f"--out={out}",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "samples/s" in r.stdout and ".pose files" in r.stdout and "packed shards" in r.stdout
     result = json.loads(out.read_text())
     assert result["mode"] == "input" and result["examples"] == 6
+    assert result["pose_dtype"] == "bfloat16" and "bfloat16 poses" in r.stdout
     rows = result["results"]
     assert {(x["what"], x["reader"]) for x in rows} == {
         (w, s) for w in ("per-example work", "grain pipeline")
@@ -108,6 +109,7 @@ def test_train_bench_tiny_with_twin(tmp_path, capsys):
     jax_row, twin_row = result["results"]
     assert jax_row["impl"] == "jax" and twin_row["impl"] == "torch twin"
     assert jax_row["devices"] == result["machine"]["devices"] >= 1
+    assert jax_row["pose_dtype"] == "float32"  # a float32 model
     assert jax_row["compile_s"] > 0 and twin_row["first_step_s"] > 0
     for row in (jax_row, twin_row):
         _check_row(row, 8, 2)
@@ -142,6 +144,7 @@ def test_train_bench_lengths_microbatches(tmp_path, capsys):
         stdout = _bench_in_process(
             capsys, *TINY_TRAIN, "--lengths=spreadthesign", "--sort_by_length",
             "--microbatches=2", "--devices=2", "--set", "data.max_frames=96", f"--out={out}",
+            "--dtype=bfloat16",
             f"--compilation_cache={cache}", f"--profile={trace}",
         )  # fmt: skip
     finally:
@@ -154,6 +157,7 @@ def test_train_bench_lengths_microbatches(tmp_path, capsys):
     batch = result["batch"]
     assert batch["lengths"] == "spreadthesign" and batch["microbatches"] == 2
     assert row["devices"] == 2
+    assert row["pose_dtype"] == "bfloat16"  # data.pose_dtype auto follows the bf16 model
     assert batch["padded_lengths"] == [96, 96] and batch["mean_padded_frames"] == 96
     assert 0 < batch["useful_frame_fraction"] < 1
     assert batch["mean_pose_frames"] == pytest.approx(96 * batch["useful_frame_fraction"])
@@ -350,3 +354,38 @@ def test_summarize_trace_groups_device_kernels(tmp_path):
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 1.0, 0.5),
     ]
     assert bench.summarize_trace(str(tmp_path / "none"), steps=2) is None
+
+
+def test_lengths_mode_padding_and_flops(tmp_path, capsys):
+    from signclip_jax import bench
+    from signclip_jax.model.signclip import model_config
+
+    out = tmp_path / "lengths.json"
+    stdout = _bench_in_process(
+        capsys, "lengths", "--bert=bert-base-cased", "--batch_size=64", "--batches=64",
+        "--buckets=none", "--buckets=62,126,190", "--windows=1,16", f"--out={out}",
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    rows = {(r["buckets"], r["window"]): r for r in result["results"]}
+    assert set(rows) == {(b, w) for b in ("none", "62,126,190") for w in (1, 16)}
+    mcfg = model_config(bench.train_config(bench.build_parser().parse_args(
+        ["train", "--bert=bert-base-cased"])))  # fmt: skip
+    full = bench.train_flops_per_sample(mcfg, 256, 63)
+    assert result["full_length_gflop_per_sample"] == pytest.approx(full / 1e9)
+    # No buckets, or random batches of 64 (their longest clip is nearly always > 190 frames
+    # in the model): everything is padded to 256 frames.
+    for key in (("none", 1), ("none", 16)):
+        assert rows[key]["mean_padded_frames"] == 256 and rows[key]["speedup_bound"] == 1
+    assert rows[("62,126,190", 1)]["mean_padded_frames"] > 240
+    # Sorted windows of 16 batches: most batches fit a smaller bucket.
+    grouped = rows[("62,126,190", 16)]
+    assert grouped["batches"] == 64 and set(grouped["padded_lengths"]) <= {62, 126, 190, 256}
+    assert grouped["mean_padded_frames"] < 200 and grouped["speedup_bound"] > 1.3
+    assert 0.35 < rows[("none", 1)]["useful_frame_fraction"] < 0.42  # mean 97.8 / 256
+    assert grouped["useful_frame_fraction"] > 0.6
+    # The bound is the FLOP ratio of the padded lengths.
+    assert grouped["train_gflop_per_sample"] * grouped["speedup_bound"] == pytest.approx(full / 1e9)
+    assert f"{grouped['speedup_bound']:.2f}" in stdout and "62,126,190" in stdout
+    for bad, message in (("--buckets=1,x", "--buckets wants"), ("--windows=0", "--windows")):
+        r = _run("lengths", bad)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

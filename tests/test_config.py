@@ -66,3 +66,18 @@ def test_overrides_without_new_keys():
     with pytest.raises(UserError, match="unknown key"):
         config_lib.apply_overrides(c, ["data.pose_header=/h"], new_keys=False)
     assert config_lib.apply_overrides(c, ["batch_size=4"], new_keys=False).batch_size == 4
+
+
+def test_spreadthesign_fast_variant():
+    from signclip_jax.data import pipeline
+    from tests.helpers import load_config
+
+    original, fast = load_config("spreadthesign"), load_config("spreadthesign", "fast")
+    assert original.model.dtype == "float32" and original.data.length_buckets == ()
+    assert original.data.length_group_batches == 0
+    assert pipeline.settings_from_config(original).pose_dtype == "float32"
+    assert fast.model.dtype == "bfloat16" and fast.model.attention == "auto"
+    settings = pipeline.settings_from_config(fast)  # valid: buckets with grouping
+    assert settings.lengths == (62, 94, 126, 158, 190, 222, 256)  # + 2 tokens: x32
+    assert settings.length_group_batches == 32 and settings.pose_dtype == "bfloat16"
+    assert fast.batch_size == original.batch_size == 448

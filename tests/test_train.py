@@ -114,6 +114,30 @@ def _flatten(tree, prefix=""):
     return out
 
 
+def test_bfloat16_training_feeds_bfloat16_poses(tmp_path, synthetic_dir, monkeypatch):
+    # data.pose_dtype "auto" with model.dtype bfloat16: train and validation batches carry
+    # bf16 poses (half the bytes), and the run trains (finite loss, validation metrics).
+    from signclip_jax import sharding
+
+    fed = []
+    shard_batch = sharding.shard_batch
+
+    def spy(batch, *args, **kwargs):
+        fed.append(np.asarray(batch["pose"]).dtype.name)
+        return shard_batch(batch, *args, **kwargs)
+
+    monkeypatch.setattr(sharding, "shard_batch", spy)
+    config = tiny_config(synthetic_dir, total_steps=2)
+    config.model.dtype = "bfloat16"
+    config.eval_every_steps = 2
+    config.data.workers = 0
+    train_lib.train(config, str(tmp_path / "w"))
+    assert len(fed) >= 3 and set(fed) == {"bfloat16"}  # 2 train steps, >= 1 val batch
+    rows = _metrics(tmp_path / "w")
+    assert np.isfinite([r["loss"] for r in rows if r.get("split") == "train"]).all()
+    assert any(r.get("split") == "val" for r in rows)
+
+
 def test_batch_not_divisible_is_a_clear_error(tmp_path, synthetic_dir):
     config = tiny_config(synthetic_dir)
     config.batch_size = 12  # 8 devices

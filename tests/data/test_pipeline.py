@@ -304,6 +304,37 @@ def test_settings_validation():
     assert pipeline.settings_from_config(_config()).augment == ()  # all switches off
 
 
+def test_pose_dtype_follows_a_16_bit_model_and_rounds_like_the_model(synth, tokenizer):
+    # data.pose_dtype "auto": a bf16 model gets bf16 poses (the frame MLP casts them to bf16
+    # first anyway); given config.data alone, or a float32 model, the poses stay float32.
+    bf16 = _config(augment={"temporal": True})
+    bf16.model = ml_collections.ConfigDict({"dtype": "bfloat16"})
+    assert pipeline.settings_from_config(bf16).pose_dtype == "bfloat16"
+    assert pipeline.settings_from_config(bf16.data).pose_dtype == "float32"
+    fp32 = _config(augment={"temporal": True})
+    fp32.model = ml_collections.ConfigDict({"dtype": "float32"})
+    assert pipeline.settings_from_config(fp32).pose_dtype == "float32"
+    assert pipeline.settings_from_config(_config(pose_dtype="float16")).pose_dtype == "float16"
+    with pytest.raises(UserError, match=r"data\.pose_dtype must be auto or one of"):
+        pipeline.settings_from_config(_config(pose_dtype="int8"))
+
+    kw = dict(tokenizer=tokenizer, seed=3, batch_size_per_process=4)
+    wide = _take(pipeline.make_train_iterator(synth, fp32, **kw), 2)
+    narrow = _take(pipeline.make_train_iterator(synth, bf16, **kw), 2)
+    for w, n in zip(wide, narrow):
+        assert w["pose"].dtype == np.float32 and n["pose"].dtype.name == "bfloat16"
+        assert n["pose"].nbytes * 2 == w["pose"].nbytes
+        # the same augmented examples, rounded to nearest even as XLA's convert rounds
+        np.testing.assert_array_equal(
+            n["pose"].view(np.uint16), w["pose"].astype(n["pose"].dtype).view(np.uint16)
+        )
+        for key in ("pose_mask", "text_ids", "index"):
+            np.testing.assert_array_equal(n[key], w[key])
+    (evaluated,) = _take(pipeline.make_eval_batches(synth, bf16, tokenizer=tokenizer,
+                                                    batch_size_per_process=64), 1)  # fmt: skip
+    assert evaluated["pose"].dtype.name == "bfloat16"
+
+
 def test_packed_shards_give_the_same_batches(synth, tokenizer, tmp_path):
     from signclip_jax.prepare import pack
 

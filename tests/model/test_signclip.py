@@ -443,6 +443,22 @@ def test_bfloat16_compute_close_to_float32(minilm_pair):
     assert t_cos > 0.9995 and p_cos > 0.9995
 
 
+def test_16_bit_models_embed_16_bit_poses_exactly_as_float32_poses():
+    # Why data.pose_dtype "auto" sends a bf16/fp16 model its poses in that dtype: the first
+    # thing the model does with them is cast them to it, so nothing changes, bit for bit.
+    rng = np.random.default_rng(4)
+    pose = random_pose(rng, 3, 32) * 7  # a wide range, so rounding differs between dtypes
+    pose[1, 30] = np.nan  # in a padded frame: masked out either way
+    mask = np.arange(32)[None] < np.array([[32], [17], [1]])
+    for dtype in (jnp.bfloat16,):  # float16 matmuls do not run on CPU
+        model = tiny_model(seed=9, dtype=jnp.dtype(dtype).name)
+        wide = embed_pose(model, pose, mask)
+        narrow = embed_pose(model, pose.astype(dtype), mask)
+        assert bool(jnp.isfinite(wide).all())
+        np.testing.assert_array_equal(np.asarray(narrow), np.asarray(wide))
+        assert not np.array_equal(pose.astype(dtype).astype(np.float32), pose)  # rounding bites
+
+
 def test_cudnn_attention_path_passes_a_query_broadcast_mask(monkeypatch):
     """No GPU here: route the cuDNN call to XLA and check what the model hands it (cuDNN
     wants the mask as [B, 1, T, S]; its bias check rejects T = 1)."""
