@@ -167,6 +167,7 @@ def bench_input(args: argparse.Namespace) -> dict[str, Any]:
         if args.source == "synthetic":
             data.synthetic_signs = args.signs
             data.synthetic_signers = args.signers
+        settings = pipeline.settings_from_config(data)
         pose_source = sources.make_source(data, split="all" if args.source == "synthetic" else None)
         if len(pose_source) == 0:
             raise UserError(f"{pose_source!r} has no examples to measure")
@@ -176,7 +177,7 @@ def bench_input(args: argparse.Namespace) -> dict[str, Any]:
         if args.shards:
             packed_dir = args.shards
         else:  # pack the first n examples to compare like with like
-            spec = pipeline.settings_from_config(data).spec
+            spec = settings.spec
             subset = _Subset(pose_source, n)
             packed_dir = str(tmp / "packed")
             pack(subset, packed_dir, spec=type(spec)(spec.components, spec.include_z, 0),
@@ -210,7 +211,7 @@ def bench_input(args: argparse.Namespace) -> dict[str, Any]:
         "workers_per_accelerator": workers_needed,
         "augment": not args.no_augment,
         "dtype": args.dtype if not args.shards else "as packed",
-        "pose_dtype": pipeline.settings_from_config(data).pose_dtype,
+        "pose_dtype": settings.pose_dtype,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "results": rows,
     }
@@ -1284,16 +1285,23 @@ def _add_train(sub) -> None:
 # lengths
 
 
+def _ints(raw: str, error: str) -> list[int]:
+    """Comma-separated integers ("1,2,3") -> [1, 2, 3]; UserError(error) on anything else."""
+    try:
+        return [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(error) from None
+
+
 def _bucket_set(raw: str) -> tuple[int, ...]:
     if raw.strip().lower() in ("", "none", "()"):
         return ()
-    try:
-        parts = raw.replace("(", "").replace(")", "").split(",")
-        values = tuple(int(x) for x in parts if x.strip())
-    except ValueError:
-        raise UserError(
-            f"--buckets wants comma-separated frame counts or none, got {raw!r}"
-        ) from None
+    values = tuple(
+        _ints(
+            raw.replace("(", "").replace(")", ""),
+            f"--buckets wants comma-separated frame counts or none, got {raw!r}",
+        )
+    )
     if any(v <= 0 for v in values):
         raise UserError(f"--buckets values must be > 0, got {raw!r}")
     return values
@@ -1308,19 +1316,12 @@ def bench_lengths(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.batches < 1:
         raise UserError(f"--batches must be >= 1, got {args.batches}")
-    try:
-        windows = [int(w) for w in args.windows.split(",") if w.strip()]
-    except ValueError:
-        raise UserError(
-            f"--windows must be comma-separated integers, got {args.windows!r}"
-        ) from None
+    windows = _ints(
+        args.windows, f"--windows must be comma-separated integers, got {args.windows!r}"
+    )
     if not windows or min(windows) < 1:
         raise UserError(f"--windows must be integers >= 1, got {args.windows!r}")
-    spec = argparse.Namespace(
-        config=args.config, bert=args.bert, overrides=args.overrides, batch_size=args.batch_size,
-        microbatches=None, dtype=None, attention=None, remat=False, seed=None,
-    )  # fmt: skip
-    config = train_config(spec)
+    config = train_config(args)  # the train-only flags are unset defaults (_add_lengths)
     from signclip_jax.model import signclip as signclip_model
 
     mcfg = signclip_model.model_config(config)
@@ -1407,6 +1408,8 @@ def _add_lengths(sub) -> None:
     p.add_argument("--batches", type=int, default=512, help="batches drawn per row")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", help="write the results as JSON here")
+    # train_config reads these train flags; lengths leaves them to the config.
+    p.set_defaults(microbatches=None, dtype=None, attention=None, remat=False, seed=None)
     p.set_defaults(run=bench_lengths, show=print_lengths)
 
 
@@ -1472,12 +1475,9 @@ def main(argv: list[str] | None = None) -> int:
     _split_overrides(parser, args, extra)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if hasattr(args, "workers") and isinstance(args.workers, str):
-        try:
-            args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
-        except ValueError:
-            raise UserError(
-                f"--workers must be comma-separated integers, got {args.workers!r}"
-            ) from None
+        args.workers = _ints(
+            args.workers, f"--workers must be comma-separated integers, got {args.workers!r}"
+        )
     from absl import flags
 
     if not flags.FLAGS.is_parsed():

@@ -174,7 +174,7 @@ def _pose_dtype(name: str, config) -> str:
     """data.pose_dtype -> a POSE_DTYPES name. "auto": model.dtype when it is 16-bit (only
     known when `config` is the whole training config), else float32."""
     if name == "auto":
-        model = config.get("model") if hasattr(config, "get") else getattr(config, "model", None)
+        model = _cfg(config, "model", None)
         dtype = _cfg(model, "dtype", "float32") if model is not None else "float32"
         return dtype if dtype in ("bfloat16", "float16") else "float32"
     if name not in POSE_DTYPES:
@@ -182,6 +182,7 @@ def _pose_dtype(name: str, config) -> str:
     return name
 
 
+@functools.cache  # called once per example by the workers
 def numpy_dtype(name: str) -> np.dtype:
     """A POSE_DTYPES name as a numpy dtype (bfloat16 from ml_dtypes, which jax ships)."""
     if name == "bfloat16":
