@@ -386,6 +386,9 @@ def test_lengths_mode_padding_and_flops(tmp_path, capsys):
     # The bound is the FLOP ratio of the padded lengths.
     assert grouped["train_gflop_per_sample"] * grouped["speedup_bound"] == pytest.approx(full / 1e9)
     assert f"{grouped['speedup_bound']:.2f}" in stdout and "62,126,190" in stdout
-    for bad, message in (("--buckets=1,x", "--buckets wants"), ("--windows=0", "--windows")):
+    for bad, message in (
+        ("--buckets=1,x", "--buckets wants"), ("--buckets=0,64", "--buckets values must be > 0"),
+        ("--windows=0", "--windows"), ("--batches=0", "--batches must be >= 1"),
+    ):  # fmt: skip
         r = _run("lengths", bad)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
