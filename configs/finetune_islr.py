@@ -17,14 +17,7 @@ released PyTorch checkpoint can be fine-tuned offline. Prompts are "<en> <ase> {
 Args: dataset (asl_citizen | sem_lex | asl_signs | manifest), batch_size, epochs.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import base_config
-
-from signclip_jax.config import parse_arg
+from signclip_jax.config import base_config, parse_arg
 
 # tfds names as registered by sign-language-datasets; gloss clean-up as the original's
 # ISLR loaders (reference 2.3).

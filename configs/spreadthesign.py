@@ -21,14 +21,7 @@ batch 448, Adam lr 5e-5 betas (0.9, 0.98), 1000 warm-up updates then polynomial 
   one attention-kernel tile, where 128 frames would spill 2 tokens into a second one.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import base_config
-
-from signclip_jax.config import parse_arg
+from signclip_jax.config import base_config, parse_arg
 
 
 def get_config(arg=None):

@@ -1,9 +1,6 @@
-"""Errors caused by user input, and the CLI wrapper that prints them without a traceback."""
+"""Errors caused by user input. signclip_jax/cli.py prints them as one line, no traceback."""
 
 from __future__ import annotations
-
-import sys
-from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -16,16 +13,3 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A data file (pose, CSV, manifest, shard) that cannot be used. The message names it."""
-
-
-def run_cli(main: Callable[[], int | None]) -> None:
-    """Runs `main`; a UserError becomes one line on stderr and exit code 2."""
-    try:
-        code = main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)

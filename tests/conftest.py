@@ -52,7 +52,7 @@ def tiny_workdir(tmp_path_factory) -> Path:
 
     Shared, read-only: tests that write must copy it first.
     """
-    from signclip_jax import train as train_lib
+    from signclip_jax.train import loop as train_lib
     from tests.helpers import tiny_config
 
     workdir = tmp_path_factory.mktemp("tiny_workdir")

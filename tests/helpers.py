@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from signclip_jax.data import synthetic
+
 # A tiny random BERT (2 layers, width 32): keeps compiles short while the tokenizer stays the
 # bundled MiniLM one. The same one `bench train --bert=tiny` uses.
-from signclip_jax.bench import TINY_BERT
-from signclip_jax.data import synthetic
+from signclip_jax.model.bert import TINY_BERT
 
 ROOT = Path(__file__).resolve().parents[1]
 

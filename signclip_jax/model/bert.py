@@ -137,6 +137,13 @@ PRESETS["google-bert/bert-base-uncased"] = PRESETS["bert-base-uncased"]
 # [CLS]/[SEP] ids of the presets (the video tower embeds them without a tokenizer at hand).
 PRESET_SPECIAL_IDS: dict[str, tuple[int, int]] = {name: (101, 102) for name in PRESETS}
 
+# A tiny random BERT (2 layers, width 32) with MiniLM's vocabulary, so the bundled tokenizer's
+# ids fit: smoke tests and `bench train --bert=tiny` compile in seconds with it.
+TINY_BERT = dict(
+    vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    intermediate_size=64, max_position_embeddings=512,
+)  # fmt: skip
+
 
 # --------------------------------------------------------------------------------- primitives
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:

@@ -244,7 +244,7 @@ def test_manifest_integer_labels_and_missing_file(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_packed_roundtrip(synth, tmp_path, dtype):
-    from signclip_jax.prepare import pack
+    from signclip_jax.tools.prepare import pack
 
     csv_path, pose_dir, _ = synth
     src = sources.SpreadthesignSource(csv_path, pose_dir, split="all")

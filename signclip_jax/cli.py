@@ -1,0 +1,58 @@
+"""One command-line style for every `python -m signclip_jax.*` command.
+
+A user error is one line on stderr, `error: ...`, exit code 2, no traceback: a `UserError`
+raised anywhere below `run_cli`, or a usage error that argparse reports through `Parser`.
+`train` parses with absl (ml_collections' --config.KEY=VALUE flags) and prints the same line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from signclip_jax.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+    """Prints the one-line user error and exits 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Runs `main`; a UserError becomes one line on stderr and exit code 2."""
+    try:
+        code = main()
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors follow the contract: one line, exit 2 (no usage dump).
+
+    Sub-parsers made through `add_subparsers` inherit the class, so they report the same way.
+    """
+
+    def error(self, message: str):
+        fail(f"{self.prog}: {message} (see --help)")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """--workdir | --checkpoint (one required) and --which: how embed, serve and convert name
+    the checkpoint to load."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (its latest or best checkpoint)")
+    src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/N)")
+    parser.add_argument(
+        "--which",
+        default="latest",
+        choices=("latest", "best"),
+        help="checkpoint of --workdir to use (default: latest)",
+    )

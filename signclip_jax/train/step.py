@@ -1,0 +1,155 @@
+"""The sharded train step: parameters and optimiser state laid out by the sharding rules,
+one jitted update (GradCache accumulation -> loss in shard_map -> fairseq Adam), and the
+jitted eval embedding. Used by train.py and by `bench train`.
+
+state = {"params": {"model": nnx.State, "loss": {...}}, "opt": optax state, "step": int32}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from signclip_jax.train import grad_cache, losses, optim, sharding
+
+
+@dataclasses.dataclass
+class TrainStep:
+    """What the train loop needs. `step(state, batch) -> (state, metrics)` donates `state`;
+    `embed(params, batch) -> (pose [B, H], text [B, H])` is the eval-mode forward."""
+
+    state: dict[str, Any]
+    state_sharding: Any
+    param_sharding: Any
+    batch_sharding: Any
+    step: Callable
+    embed: Callable
+    schedule: optax.Schedule
+    graphdef: Any
+
+
+def make_train_step(
+    config,
+    model: nnx.Module,
+    mesh: Mesh,
+    batch_axes: tuple[str, ...],
+    total_steps: int,
+) -> TrainStep:
+    """Initial (sharded) state and the jitted step for `model` (its current weights).
+
+    config: the training config (loss, optimizer, microbatches, seed, max_bad_steps).
+    optimizer.decay_steps = 0 decays over `total_steps`.
+    """
+    opt_cfg = config.optimizer.copy_and_resolve_references()
+    if not opt_cfg.decay_steps:  # 0: decay over this run's own length
+        opt_cfg.decay_steps = total_steps
+    tx, schedule = optim.make_optimizer(opt_cfg, max_bad_steps=config.max_bad_steps)
+
+    # Parameters by the rules in sharding.py; optimiser state follows them.
+    graphdef, model_params, model_rngs, model_rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    loss_params = losses.init_loss_params(config.loss.name, config.loss)
+    param_sharding = {
+        "model": sharding.param_shardings(model_params, mesh),
+        "loss": jax.tree.map(lambda _: sharding.replicated(mesh), loss_params),
+    }
+    params = jax.device_put({"model": model_params, "loss": loss_params}, param_sharding)
+    opt_sharding = sharding.optimizer_shardings(tx, params, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+    state = {
+        "params": params,
+        "opt": opt_state,
+        "step": jax.device_put(np.int32(0), sharding.replicated(mesh)),
+    }
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    batch_sharding = sharding.batch_sharding(mesh, batch_axes)
+    loss_fn = losses.make_loss_fn(config.loss.name, mesh, batch_axes)
+    base_rng = jax.random.key(config.seed)
+
+    def embed_train(p, batch, rng):
+        # Dropout keys depend only on (seed, step, microbatch): a resumed run replays exactly.
+        m = nnx.merge(graphdef, p["model"], _fresh_rngs(model_rngs, rng), _copy(model_rest))
+        m.train()
+        return m(batch)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(base_rng, state["step"])
+        (loss, metrics), grads = grad_cache.accumulated_value_and_grad(
+            embed_train,
+            lambda pose_emb, text_emb, p: loss_fn(pose_emb, text_emb, p["loss"]),
+            state["params"],
+            batch,
+            config.microbatches,
+            rng=rng,
+        )
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "lr": schedule(state["step"]),
+            "grad_norm": optax.tree.norm(grads),
+            "skipped_steps": optim.skipped_steps(opt),
+        }
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt": opt,
+            "step": state["step"] + 1,
+        }
+        return new_state, metrics
+
+    step = jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+    def embed_eval(p, batch):
+        m = nnx.merge(graphdef, p["model"], _copy(model_rngs), _copy(model_rest))
+        m.eval()
+        return m(batch)
+
+    embed = jax.jit(
+        embed_eval,
+        in_shardings=(param_sharding, batch_sharding),
+        out_shardings=sharding.replicated(mesh),
+    )
+    return TrainStep(
+        state=state,
+        state_sharding=state_sharding,
+        param_sharding=param_sharding,
+        batch_sharding=batch_sharding,
+        step=step,
+        embed=embed,
+        schedule=schedule,
+        graphdef=graphdef,
+    )
+
+
+def _fresh_rngs(rng_state, key):
+    """The model's RNG streams with key i = fold_in(key, i) and counts reset.
+
+    Built inside the traced step: NNX refuses to mutate variables created outside it.
+    """
+    leaves, treedef = jax.tree.flatten(rng_state)
+    fresh = [
+        jax.random.fold_in(key, i)
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+        else jnp.zeros_like(x)
+        for i, x in enumerate(leaves)
+    ]
+    return jax.tree.unflatten(treedef, fresh)
+
+
+def _copy(state):
+    return jax.tree.map(lambda x: x, state)
+
+
+__all__ = ["TrainStep", "make_train_step"]

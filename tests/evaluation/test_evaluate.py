@@ -1,0 +1,380 @@
+"""The evaluation suite: config overrides, flip, zero-shot, per-language retrieval, files, and
+end to end on the tiny trained workdir (its numbers equal training's own validation)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from signclip_jax.errors import UserError
+from signclip_jax.evaluation import evaluate as ev
+from signclip_jax.evaluation import metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces without a model.
+
+
+def test_parse_args_collects_config_overrides_and_rejects_unknown_flags(capsys):
+    opts = ev.parse_args(
+        ["--workdir=w", "--config.data.source=manifest", "--config.data.manifest", "m.csv",
+         "--flip", "--tasks=retrieval,probe", "--fewshot_shots=1,3"]
+    )  # fmt: skip
+    assert opts.overrides == ("data.source=manifest", "data.manifest=m.csv")
+    assert opts.flip == "right"  # bare --flip: the original's flip_pose: 'right'
+    assert opts.tasks == ("retrieval", "probe") and opts.fewshot_shots == (1, 3)
+    assert ev.parse_args(["--workdir=w", "--flip=always"]).flip == "always"
+    for argv in (["--workdir=w", "--bogus=1"], ["--split=val"]):
+        with pytest.raises(SystemExit) as e:
+            ev.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1
+    with pytest.raises(UserError, match="unknown task"):
+        ev._check_options(ev.Options(workdir="w", tasks=("retrieval", "nope")))
+
+
+def _pose_array(rng, spec, *, right_hand: bool, frames=12):
+    from signclip_jax.data.pose import RIGHT_HAND, PoseArray, layout
+
+    lay = layout(spec.components)
+    points = rng.normal(size=(frames, len(lay.points), 3)).astype(np.float32)
+    observed = np.ones(points.shape[:2], bool)
+    points[:, lay.legs] = 0
+    if not right_hand:
+        slots = [i for i, (c, _) in enumerate(lay.points) if c == RIGHT_HAND]
+        points[:, slots] = 0
+        observed[:, slots] = False
+    return PoseArray(points=points, observed=observed, fps=25.0)
+
+
+class _ListSource:
+    def __init__(self, records):
+        self.records = records
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return dict(self.records[i])
+
+
+def test_mirrored_source_flips_poses_without_a_right_hand():
+    from signclip_jax.data import augment
+    from signclip_jax.data.pose import PoseSpec
+
+    spec = PoseSpec()
+    rng = np.random.default_rng(0)
+    left_handed = _pose_array(rng, spec, right_hand=False)
+    right_handed = _pose_array(rng, spec, right_hand=True)
+    assert ev.right_hand_missing(left_handed, spec)
+    assert not ev.right_hand_missing(right_handed, spec)
+    records = [
+        {"id": "l", "text": "a", "points": left_handed.points,
+         "observed": left_handed.observed, "fps": 25.0},
+        {"id": "r", "text": "b", "points": right_handed.points,
+         "observed": right_handed.observed, "fps": 25.0},
+        {"id": "f", "text": "c", "features": np.zeros((3, spec.feature_dim), np.float32)},
+    ]  # fmt: skip
+    src = ev.MirroredSource(_ListSource(records), spec, "right")
+    out = [src[i] for i in range(3)]
+    assert src.flipped == {0}
+    want = augment.flip_horizontal(left_handed, spec)
+    np.testing.assert_array_equal(out[0]["points"], want.points)
+    np.testing.assert_array_equal(out[1]["points"], right_handed.points)
+    assert out[0]["text"] == "a" and out[0]["id"] == "l"
+    assert "cannot be mirrored" in out[2]["error"]  # counted as a skipped example downstream
+    always = ev.MirroredSource(_ListSource(records[:2]), spec, "always")
+    np.testing.assert_array_equal(
+        always[1]["points"], augment.flip_horizontal(right_handed, spec).points
+    )
+    assert always.flipped == {1}
+
+
+def test_evaluate_retrieval_per_language_equals_subsets():
+    rng = np.random.default_rng(0)
+    n = 30
+    langs = ["ase" if i % 3 else "bfi" for i in range(n)]
+    texts = [f"<en> <{lang}> w{rng.integers(0, 5)}" for lang in langs]
+    pose, text = rng.normal(size=(n, 6)), rng.normal(size=(n, 6))
+    out = ev.evaluate_retrieval(pose, text, texts, languages=langs, block_elems=7)
+    assert {k: out[k] for k in metrics.retrieval_metrics(pose, text, texts)} == (
+        metrics.retrieval_metrics(pose, text, texts)
+    )
+    for lang in ("ase", "bfi"):
+        rows = [i for i in range(n) if langs[i] == lang]
+        sub = metrics.retrieval_metrics(pose[rows], text[rows], [texts[i] for i in rows])
+        assert {k: out[f"lang/{lang}/{k}"] for k in sub} == sub
+        assert out[f"lang/{lang}/examples"] == len(rows)
+    assert not any(k.startswith("lang/") for k in ev.evaluate_retrieval(pose, text, texts))
+
+
+def test_zero_shot_ranks_each_pose_against_its_languages_class_prompts():
+    rng = np.random.default_rng(1)
+    vocab = ["house", "sun", "tree"]
+    groups = [("en", "ase")] * 5 + [("en", "bfi")] * 4
+    gold_text = [vocab[i] for i in rng.integers(0, 3, size=len(groups))]
+
+    def render(text, spoken, signed):
+        return f"<{spoken}> <{signed}> {text}"
+
+    table = {render(t, *g): rng.normal(size=4) for t in vocab for g in set(groups)}
+    pose = rng.normal(size=(len(groups), 4))
+    gold = [render(t, *g) for t, g in zip(gold_text, groups)]
+    out = ev.zero_shot(pose, gold, groups, vocab, render, lambda ps: {p: table[p] for p in ps})
+    ranks = []
+    for j, g in enumerate(groups):  # brute force: stable sort of the group's class scores
+        scores = [table[render(t, *g)] @ pose[j] for t in vocab]
+        order = np.argsort(-np.array(scores), kind="stable")
+        ranks.append(int(np.nonzero(order == vocab.index(gold_text[j]))[0][0]))
+    assert out["top1"] == pytest.approx(np.mean(np.array(ranks) < 1))
+    assert out["MeanR"] == pytest.approx(np.mean(ranks) + 1)
+    assert out["classes"] == 3 and out["examples"] == 9
+    assert set(out["by_language"]) == {"en/ase", "en/bfi"}
+    assert out["by_language"]["en/bfi"]["examples"] == 4
+    # One language, vocabulary = the split's texts: zero-shot top-k is V2T R@k.
+    one = [("en", "ase")] * len(groups)
+    gold1 = [render(t, "en", "ase") for t in gold_text]
+    vocab1 = list(dict.fromkeys(gold_text))
+    z = ev.zero_shot(pose, gold1, one, vocab1, render, lambda ps: {p: table[p] for p in ps})
+    text_emb = np.stack([table[p] for p in gold1])
+    v2t = metrics.retrieval_metrics(pose, text_emb, gold1)
+    assert [z[f"top{k}"] for k in (1, 5, 10)] == [v2t[f"v2t/R@{k}"] for k in (1, 5, 10)]
+
+
+def test_default_shots():
+    assert ev.default_shots(["a"] * 11 + ["b"], ["a", "b"]) == (1, 5, 10, 100)
+    assert ev.default_shots(["a"] * 10 + ["c"] * 30, ["a", "b"]) == (1, 5, 10)
+
+
+def test_plot_and_atomic_writes(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    ev.plot_map(tmp_path / "m.png", rng.normal(size=(40, 8)), [f"c{i % 25}" for i in range(40)],
+                rng.normal(size=(25, 8)), [f"c{i}" for i in range(25)], max_points=30)  # fmt: skip
+    with Image.open(tmp_path / "m.png") as im:
+        im.verify()
+        assert im.format == "PNG" and im.size[0] > 100
+    ev._write_bytes(tmp_path / "sub" / "x.json", b"{}")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["m.png", "sub", "x.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on the tiny trained workdir.
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_workdir):
+    from signclip_jax import run as inference
+
+    return inference.Embedder(inference.load_run(tiny_workdir), batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def evaluated(embedder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    opts = ev.Options(split="val", out=str(out), batch_size=8, fewshot_draws=2)
+    return ev.run_evaluation(opts, embedder=embedder), out
+
+
+def _last_val(workdir):
+    lines = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x.get("split") == "val"][-1]
+
+
+def test_retrieval_equals_training_validation(evaluated, tiny_workdir):
+    results, _ = evaluated
+    val = _last_val(tiny_workdir)
+    assert results["header"]["step"] == val["step"]
+    r = results["retrieval"]
+    keys = [k for k in val if k.startswith(("t2v/", "v2t/"))]
+    assert len(keys) == 13
+    for k in keys:
+        assert r[k] == pytest.approx(val[k], abs=1e-6), k
+    assert r["examples"] == val["examples"]
+    assert r["loss"] == pytest.approx(val["loss"], rel=1e-5, abs=1e-5)
+
+
+def test_outputs(evaluated, embedder):
+    from PIL import Image
+
+    results, out = evaluated
+    name = "val_step4"
+    saved = json.loads((out / f"{name}.json").read_text())
+    assert saved["retrieval"] == pytest.approx(results["retrieval"])
+    assert set(saved) >= {"header", "retrieval", "zeroshot", "fewshot", "probe", "files"}
+    csv_rows = (out / f"{name}.csv").read_text().splitlines()
+    assert csv_rows[0] == "task,group,metric,value"
+    assert any(r.startswith("retrieval,,v2t/R@1,") for r in csv_rows)
+    assert any(r.startswith("fewshot,1-shot,top1,") for r in csv_rows)
+    with Image.open(out / f"{name}.png") as im:
+        im.verify()
+    folder = out / name
+    pose = np.load(folder / "pose_embeddings.npy")
+    text = np.load(folder / "text_embeddings.npy")
+    texts = (folder / "texts.txt").read_text().splitlines()
+    ids = (folder / "ids.txt").read_text().splitlines()
+    n = results["header"]["examples"]
+    assert pose.shape == text.shape == (n, embedder.hidden_size) and len(texts) == len(ids) == n
+    assert texts[0].startswith("<en> <ase> ")  # the training prompt
+    # The saved embeddings reproduce the numbers with the dense reference metrics.
+    dense = metrics.retrieval_metrics(pose, text, texts)
+    assert {k: results["retrieval"][k] for k in dense} == pytest.approx(dense)
+    rows = [json.loads(x) for x in (folder / "examples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == texts and not any(r["flipped"] for r in rows)
+    assert np.load(folder / "train" / "pose_embeddings.npy").shape[0] > 0
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_recognition_tasks(evaluated):
+    results, out = evaluated
+    r, z = results["retrieval"], results["zeroshot"]
+    for k in (1, 5, 10):  # one language, split vocabulary: zero-shot top-k is V2T R@k
+        assert z[f"top{k}"] == pytest.approx(r[f"v2t/R@{k}"])
+    fewshot = results["fewshot"]["shots"]
+    assert set(fewshot) == {"1", "5", "10"}  # no class has > 10 training examples
+    folder = out / "val_step4"
+    train_texts = (folder / "train" / "texts.txt").read_text().splitlines()
+    train_pose = np.load(folder / "train" / "pose_embeddings.npy")
+    texts = (folder / "texts.txt").read_text().splitlines()
+    pose = np.load(folder / "pose_embeddings.npy")
+    again = metrics.few_shot_knn(train_pose, train_texts, pose, texts, shots=(1, 5, 10), draws=2)
+    assert again == fewshot
+    probe = metrics.linear_probe(train_pose, train_texts, pose, texts)
+    assert probe == results["probe"]
+
+
+def test_flip_always_mirrors_every_pose(embedder, tiny_workdir):
+    from signclip_jax.data import augment, pipeline, pose, sources
+
+    run = embedder.run
+    plain = ev.embed_split(run, embedder, "val", batch_size=8)
+    flipped = ev.embed_split(run, embedder, "val", flip="always", batch_size=8)
+    assert flipped.flipped.all() and flipped.prompts == plain.prompts
+    source = sources.make_source(run.config.data, split="val", workdir=str(tiny_workdir))
+    spec = run.settings.spec
+    feats = [
+        pose.to_features(augment.flip_horizontal(pipeline.record_pose_array(source[i], spec), spec),
+                         spec)
+        for i in flipped.source_index
+    ]  # fmt: skip
+    np.testing.assert_allclose(flipped.pose, embedder.embed_features(feats), atol=1e-5)
+    assert np.abs(flipped.pose - plain.pose).max() > 1e-3
+    right = ev.embed_split(run, embedder, "val", flip="right", batch_size=8)
+    arrays = [pipeline.record_pose_array(source[i], spec) for i in right.source_index]
+    assert list(right.flipped) == [ev.right_hand_missing(a, spec) for a in arrays]
+    same = ~right.flipped
+    np.testing.assert_allclose(right.pose[same], plain.pose[same], atol=1e-6)
+    np.testing.assert_allclose(right.pose[~same], flipped.pose[~same], atol=1e-6)
+
+
+def test_default_tasks_skip_fewshot_on_a_big_train_split(embedder, tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "MAX_DEFAULT_TRAIN", 2)
+    opts = ev.Options(split="val", out=str(tmp_path), plot=False, save_embeddings=False)
+    results = ev.run_evaluation(opts, embedder=embedder)
+    assert results["header"]["tasks"] == ["retrieval", "zeroshot"]
+    assert "fewshot" not in results and "fewshot and probe skipped" in ev.format_table(results)
+    asked = ev.run_evaluation(
+        dataclasses.replace(opts, tasks=("probe",), name="p"), embedder=embedder
+    )
+    assert "probe" in asked and "retrieval" not in asked
+
+
+def test_config_override_points_at_a_manifest_with_two_sign_languages(
+    embedder, tiny_workdir, tmp_path
+):
+    import csv
+
+    from signclip_jax.data import sources
+
+    run = embedder.run
+    train = sources.make_source(run.config.data, split="train", workdir=str(tiny_workdir))
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["pose", "text", "sign_language", "split"])
+        for i in range(len(train)):
+            rec = train[i]
+            w.writerow([rec["pose_path"], rec["text"], "ase" if i % 2 else "bfi", "test"])
+    overrides = ("data.source=manifest", f"data.manifest={tmp_path / 'm.csv'}")
+    run_m = ev.load(ev.Options(workdir=str(tiny_workdir), overrides=overrides))
+    assert run_m.config.data.source == "manifest" and run.config.data.source == "synthetic"
+    opts = ev.Options(
+        split="test", tasks=("retrieval", "zeroshot"), overrides=overrides, out=str(tmp_path),
+        batch_size=8, plot=False, save_embeddings=False, name="m",
+    )  # fmt: skip
+    results = ev.run_evaluation(opts, embedder=embedder)
+    assert results["header"]["examples"] == len(train)
+    assert results["header"]["sign_languages"] == ["ase", "bfi"]
+    r = results["retrieval"]
+    assert r["lang/ase/examples"] + r["lang/bfi/examples"] == len(train)
+    assert set(results["zeroshot"]["by_language"]) == {"en/ase", "en/bfi"}
+    table = ev.format_table(results)
+    assert "retrieval by sign language" in table and "en/bfi" in table
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["retrieval"]["lang/bfi/examples"] == r["lang/bfi/examples"]
+    with pytest.raises(UserError, match="change the model inputs"):
+        ev.run_evaluation(
+            ev.Options(split="val", overrides=("data.max_frames=48",), out=str(tmp_path)),
+            embedder=embedder,
+        )
+
+
+def test_decoded_grouping_limit_and_wider_zero_shot_vocabulary(embedder, tmp_path):
+    run = embedder.run
+    keys = ev.class_key_fn(run, "decoded")(["<en> <ase> House", "<en> <ase> house"])
+    assert keys[0] == keys[1] == "< en > < ase > house"  # the uncased tokenizer merges them
+    assert ev.class_key_fn(run, "prompt")(["a", "A"]) == ["a", "A"]
+    assert len(ev.embed_split(run, embedder, "train", batch_size=8, limit=3)) == 3
+    opts = ev.Options(
+        split="val", tasks=("zeroshot",), zeroshot_vocab="all", out=str(tmp_path), batch_size=8,
+        plot=False, save_embeddings=False, group_by="decoded",
+    )  # fmt: skip
+    results = ev.run_evaluation(opts, embedder=embedder)
+    assert results["zeroshot"]["classes"] == 4  # every sign of train + val
+    assert results["header"]["group_by"] == "decoded"
+    assert (tmp_path / "val_step4_decoded.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _cli(*args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "signclip_jax.evaluate", *args],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_cli_help_and_user_errors(tmp_path):
+    res = _cli("--help")
+    assert res.returncode == 0 and "--config.KEY=VALUE" in res.stdout
+    res = _cli(f"--workdir={tmp_path}")
+    assert res.returncode == 2
+    assert res.stderr.startswith("error:") and res.stderr.count("\n") == 1, res.stderr
+    assert "no checkpoints" in res.stderr
+
+
+@pytest.mark.slow
+def test_cli_runs_end_to_end(tiny_workdir, tmp_path, evaluated):
+    res = _cli(
+        f"--workdir={tiny_workdir}", "--split=val", "--tasks=retrieval,zeroshot",
+        f"--out={tmp_path}", "--batch_size=8", "--no_plot", "--name=cli",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "retrieval (original definitions" in res.stdout
+    saved = json.loads((tmp_path / "cli.json").read_text())
+    want = evaluated[0]["retrieval"]
+    for k in ("t2v/R@1", "t2v/P@1", "v2t/R@1", "v2t/MedianR", "std/v2t/R@1"):
+        assert saved["retrieval"][k] == pytest.approx(want[k], abs=1e-6)
+    assert "fewshot" not in saved and (tmp_path / "cli" / "pose_embeddings.npy").exists()

@@ -1,0 +1,522 @@
+"""python -m signclip_jax.serve over real HTTP on loopback: the original's routes and shapes,
+equality with the embed CLI, batch independence, a malformed-input corpus (4xx + JSON every
+time), CORS, a bounded concurrent load, and the server's own failure modes."""
+
+import base64
+import concurrent.futures
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import numpy as np
+import portpicker
+import pytest
+
+from signclip_jax.errors import UserError
+from signclip_jax.serving import embed as embed_lib
+from signclip_jax.serving import server as serve
+from tests.helpers import write_pose
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = ["<en> <ase> house", "<en> <ase> tree", "hello", "<en> <ase> a much longer caption here"]
+LIMITS = dict(max_body_bytes=4 * 2**20, max_items=16, max_text_chars=300, max_pose_frames=200)
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+# ---------------------------------------------------------------------------------- server
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
+        self.proc, self.port, self.log = proc, port, log
+
+    def request(self, method, path, body=None, headers=None, conn=None):
+        """-> (status, headers dict, parsed JSON or raw bytes)."""
+        if isinstance(body, dict | list):
+            body = json.dumps(body).encode()
+        elif isinstance(body, str):
+            body = body.encode()
+        own = conn is None
+        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            raw = resp.read()
+            hdrs = {k.lower(): v for k, v in resp.getheaders()}
+        finally:
+            if own:
+                conn.close()
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = raw
+        return resp.status, hdrs, data
+
+    def wait_ready(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited ({self.proc.returncode}):\n{self.log.read_text()}")
+            try:
+                status, _, data = self.request("GET", "/ready")
+                if status == 200:
+                    return data
+            except OSError:
+                pass
+            time.sleep(0.3)
+        pytest.fail(f"server not ready after {timeout} s:\n{self.log.read_text()}")
+
+
+def start_server(args, log: Path) -> tuple[subprocess.Popen, int]:
+    port = portpicker.pick_unused_port()
+    cmd = [sys.executable, "-m", "signclip_jax.serve", f"--port={port}", *args]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # gunicorn: graceful stop of master and workers
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def poses(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("serve_poses")
+    frames = {"p12": 12, "p30": 30, "p60": 60, "p90": 90, "long": 150, "huge": 250}
+    return {k: write_pose(d / f"{k}.pose", t, seed) for seed, (k, t) in enumerate(frames.items())}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_workdir, tmp_path_factory):
+    """Two gunicorn workers (each loads the model after fork); not waited for here, so that
+    `expected` computes while the workers compile."""
+    log = tmp_path_factory.mktemp("serve_log") / "server.log"
+    limits = [f"--{k}={v}" for k, v in LIMITS.items()]
+    proc, port = start_server(
+        [f"--workdir={tiny_workdir}", "--workers=2", "--threads=16", "--batch_size=8", *limits],
+        log,
+    )
+    try:
+        yield Server(proc, port, log)
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_workdir, poses, tmp_path_factory) -> dict:
+    """The embed CLI's output for every test pose and TEXTS: name -> row."""
+    out = tmp_path_factory.mktemp("serve_expected") / "emb.npz"
+    argv = [f"--workdir={tiny_workdir}", "--poses", *map(str, poses.values()), "--texts", *TEXTS,
+            f"--out={out}", "--batch_size=8", "-q"]  # fmt: skip
+    with redirect_stderr(io.StringIO()):
+        assert embed_lib.main(argv) == 0
+    npz = np.load(out)
+    rows = dict(zip([Path(p).stem for p in npz["pose_files"]], npz["pose_embeddings"]))
+    rows.update(zip(npz["texts"], npz["text_embeddings"]))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def api(server, expected) -> Server:
+    server.wait_ready(timeout=240)
+    return server
+
+
+# ---------------------------------------------------------------------------------- happy paths
+def test_health_and_ready(api):
+    status, _, data = api.request("GET", "/health")
+    assert (status, data) == (200, {"status": "ok"})
+    status, _, data = api.request("GET", "/ready")
+    assert status == 200 and data["status"] == "ready"
+    assert data["hidden_size"] == 32 and data["step"] == 4 and data["max_frames"] == 96
+    assert data["checkpoint"].endswith("checkpoints/4")
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_embeddings_equal_the_embed_cli(api, expected, poses, method):
+    # One string -> one row; a list -> rows in order (the original's shapes).
+    status, hdrs, data = api.request(method, "/api/embed/text", {"text": TEXTS[0]})
+    assert status == 200 and hdrs["content-type"] == "application/json"
+    assert list(data) == ["embeddings"] and np.shape(data["embeddings"]) == (1, 32)
+    np.testing.assert_allclose(data["embeddings"][0], expected[TEXTS[0]], atol=1e-5)
+    status, _, data = api.request(
+        method, "/api/embed/text", {"text": TEXTS[::-1], "model_name": "default"}
+    )
+    assert status == 200
+    np.testing.assert_allclose(data["embeddings"], [expected[t] for t in TEXTS[::-1]], atol=1e-5)
+
+    names = ["p60", "p12", "long"]
+    status, _, data = api.request(
+        method, "/api/embed/pose", {"pose": [b64(poses[n]) for n in names]}
+    )
+    assert status == 200 and np.shape(data["embeddings"]) == (3, 32)
+    np.testing.assert_allclose(data["embeddings"], [expected[n] for n in names], atol=1e-5)
+    status, _, data = api.request(method, "/api/embed/pose", {"pose": b64(poses["p30"])})
+    assert status == 200
+    np.testing.assert_allclose(data["embeddings"], [expected["p30"]], atol=1e-5)
+
+
+def test_scores_are_dot_products(api, expected, poses):
+    body = {"pose": [b64(poses["p12"]), b64(poses["p90"])], "text": TEXTS[:3]}
+    status, _, data = api.request("POST", "/api/score", body)
+    assert status == 200 and np.shape(data["scores"]) == (2, 3)
+    want = (
+        np.array([expected["p12"], expected["p90"]]) @ np.array([expected[t] for t in TEXTS[:3]]).T
+    )
+    np.testing.assert_allclose(data["scores"], want, rtol=1e-5, atol=1e-4)
+
+
+def test_pose_alone_equals_pose_among_longer_ones(api, poses):
+    """The original padded a request's poses to the longest and pooled the padding."""
+    _, _, alone = api.request("POST", "/api/embed/pose", {"pose": b64(poses["p12"])})
+    mates = [b64(poses[n]) for n in ("p90", "long", "p12", "p60")]
+    _, _, together = api.request("POST", "/api/embed/pose", {"pose": mates})
+    np.testing.assert_allclose(together["embeddings"][2], alone["embeddings"][0], atol=1e-5)
+    assert np.abs(np.subtract(together["embeddings"][2], together["embeddings"][1])).max() > 1e-3
+
+
+def test_base64_with_line_breaks(api, expected, poses):
+    wrapped = base64.encodebytes(poses["p30"].read_bytes()).decode()  # 76-column lines
+    status, _, data = api.request("POST", "/api/embed/pose", {"pose": [wrapped]})
+    assert status == 200
+    np.testing.assert_allclose(data["embeddings"][0], expected["p30"], atol=1e-5)
+
+
+def test_cors(api):
+    status, hdrs, _ = api.request(
+        "OPTIONS",
+        "/api/embed/text",
+        headers={"Origin": "https://example.org", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"},
+    )  # fmt: skip
+    assert status == 200 and hdrs["access-control-allow-origin"] == "*"
+    assert "POST" in hdrs["access-control-allow-methods"]
+    assert hdrs["access-control-allow-headers"] == "content-type"
+    _, hdrs, _ = api.request("GET", "/api/embed/text", {"text": "a"})
+    assert hdrs["access-control-allow-origin"] == "*"
+    _, hdrs, _ = api.request("GET", "/api/embed/text", {"text": 1})  # errors too
+    assert hdrs["access-control-allow-origin"] == "*"
+    _, hdrs, _ = api.request("GET", "/health")
+    assert "access-control-allow-origin" not in hdrs
+
+
+# ---------------------------------------------------------------------------------- bad input
+def malformed_corpus(poses: dict[str, Path]) -> list[tuple[str, str, bytes | dict | str, int]]:
+    """(method, path, body, expected status): none of these may give a 2xx or a 5xx."""
+    good = poses["p12"].read_bytes()
+    header_only = good[: len(good) // 10]
+    flipped = bytearray(good)
+    flipped[0:40] = bytes(255 - b for b in flipped[0:40])  # header garbage
+    fake = lambda b: base64.b64encode(bytes(b)).decode()
+    too_big = {"text": "x" * (LIMITS["max_body_bytes"] + 10)}
+    deep = "[" * 100_000 + "]" * 100_000
+    real_path = str(poses["p12"])
+    t, p = "/api/embed/text", "/api/embed/pose"
+    return [
+        # not JSON / not an object / not UTF-8 / empty
+        ("POST", t, b"", 400),
+        ("POST", t, b"{", 400),
+        ("POST", t, b'{"text": "a"} trailing', 400),
+        ("POST", t, b"nope", 400),
+        ("POST", t, deep, 400),
+        ("POST", t, b"\xff\xfe{\x00}", 400),
+        ("POST", t, '{"text": "caf\u00e9"}'.encode("latin-1"), 400),
+        ("POST", t, b"[1, 2]", 400),
+        ("POST", t, b'"text"', 400),
+        ("POST", t, b"null", 400),
+        # missing fields / wrong types / empty lists
+        ("POST", t, {}, 400),
+        ("POST", t, {"txt": "a"}, 400),
+        ("POST", t, {"text": None}, 400),
+        ("POST", t, {"text": 3}, 400),
+        ("POST", t, {"text": {"a": 1}}, 400),
+        ("POST", t, {"text": ["a", 2]}, 400),
+        ("POST", t, {"text": [["a"]]}, 400),
+        ("POST", t, {"text": []}, 400),
+        ("POST", t, {"text": "a", "model_name": 3}, 400),
+        ("POST", t, {"text": "a", "model_name": "asl_citizen"}, 400),
+        ("POST", t, '{"text": "\\ud800"}', 400),  # a lone surrogate
+        ("POST", p, {}, 400),
+        ("POST", p, {"text": "a"}, 400),
+        ("POST", p, {"pose": []}, 400),
+        ("POST", p, {"pose": 5}, 400),
+        ("POST", p, {"pose": [None]}, 400),
+        ("POST", p, {"pose": ""}, 400),
+        ("POST", p, {"pose": "!!!!"}, 400),
+        ("POST", p, {"pose": "caf\u00e9"}, 400),
+        ("POST", p, {"pose": "abc"}, 400),  # bad padding
+        ("POST", "/api/score", {"pose": fake(good)}, 400),
+        ("POST", "/api/score", {"text": "a"}, 400),
+        # never a server-side path: the string is base64 or nothing
+        ("POST", p, {"pose": real_path}, 400),
+        ("POST", p, {"pose": fake(real_path.encode())}, 422),
+        # corrupt .pose bytes
+        ("POST", p, {"pose": fake(b"hello")}, 422),
+        ("POST", p, {"pose": fake(header_only)}, 422),
+        ("POST", p, {"pose": fake(flipped)}, 422),
+        ("POST", p, {"pose": fake(os.urandom(5000))}, 422),
+        ("POST", p, {"pose": [fake(good), fake(good[:-7])]}, 422),
+        # limits: body size, items, text length, frames
+        ("POST", t, too_big, 413),
+        ("POST", t, {"text": ["a"] * (LIMITS["max_items"] + 1)}, 413),
+        ("POST", t, {"text": "y" * (LIMITS["max_text_chars"] + 1)}, 413),
+        ("POST", p, {"pose": [fake(good)] * (LIMITS["max_items"] + 1)}, 413),
+        ("POST", p, {"pose": b64(poses["huge"])}, 413),  # 250 frames > max_pose_frames 200
+        # unknown routes and wrong methods
+        ("POST", "/api/embed/video", {"text": "a"}, 404),
+        ("POST", "/api/embed/", {"text": "a"}, 404),
+        ("GET", "/api/embed", None, 404),
+        ("GET", "/nothing", None, 404),
+        ("DELETE", t, None, 405),
+        ("PUT", p, {"pose": fake(good)}, 405),
+        ("POST", "/health", None, 405),
+        ("PATCH", "/api/score", None, 405),
+    ]
+
+
+def test_malformed_inputs_get_4xx_json(api, poses, expected):
+    for method, path, body, want in malformed_corpus(poses):
+        status, _, data = api.request(method, path, body)
+        what = f"{method} {path} {str(body)[:80]!r}"
+        assert status == want, f"{what}: {status} {data}"
+        assert isinstance(data, dict) and isinstance(data.get("error"), str), what
+        assert data["status"] == status and data["error"], what
+    # Chunked upload over the limit (no Content-Length to check up front).
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=60)
+    chunks = (b"x" * 65536 for _ in range(LIMITS["max_body_bytes"] // 65536 + 4))
+    conn.request("POST", "/api/embed/text", body=chunks, encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 413 and "error" in json.loads(resp.read())
+    conn.close()
+    # Still serving, and nothing above reached the internal-error handler.
+    status, _, data = api.request("POST", "/api/embed/text", {"text": TEXTS[1]})
+    assert status == 200
+    np.testing.assert_allclose(data["embeddings"][0], expected[TEXTS[1]], atol=1e-5)
+    log = api.log.read_text()
+    assert "unhandled error" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_video_field_without_video_support(api):
+    """`video` (base64 of a video file) goes through signclip_jax.video when installed; without
+    it the answer says so (501), never a 500."""
+    status, _, data = api.request("POST", "/api/embed/pose", {"video": "AAAA"})
+    if status == 501:
+        assert "optional video environment" in data["error"]
+    else:  # the video module exists in this tree: four zero bytes are no video
+        assert status == 422 and "video" in data["error"]
+
+
+def test_real_recordings(api, shared_pose, tmp_path, tiny_workdir):
+    house = shared_pose("spreadthesign-ase-house.pose")
+    reduced = shared_pose("pose-format-mediapipe.pose")
+    out = tmp_path / "house.npz"
+    with redirect_stderr(io.StringIO()):
+        code = embed_lib.main([f"--workdir={tiny_workdir}", "--poses", str(house),
+                               f"--out={out}", "--batch_size=8", "-q"])  # fmt: skip
+    assert code == 0
+    status, _, data = api.request("POST", "/api/embed/pose", {"pose": b64(house)})
+    assert status == 200
+    np.testing.assert_allclose(data["embeddings"], np.load(out)["pose_embeddings"], atol=1e-5)
+    status, _, data = api.request("POST", "/api/embed/pose", {"pose": b64(reduced)})
+    assert status == 422 and "POSE_LANDMARKS lacks" in data["error"]
+
+
+# ---------------------------------------------------------------------------------- load
+@pytest.mark.slow
+def test_concurrent_load(api, poses, expected):
+    """8 clients x 50 requests (texts, poses, scores) on keep-alive connections: every answer
+    correct, zero errors; prints latency percentiles and throughput."""
+    clients, per_client = 8, 50
+    bodies = {
+        "p12": {"pose": b64(poses["p12"])},
+        "p30": {"pose": b64(poses["p30"])},
+    }
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        rng = np.random.default_rng(k)
+        conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=60)
+        try:
+            for i in range(per_client):
+                kind = ("text", "pose", "score")[(k + i) % 3]
+                text = TEXTS[rng.integers(len(TEXTS))]
+                pose = ("p12", "p30")[rng.integers(2)]
+                if kind == "text":
+                    path, body, want = "/api/embed/text", {"text": text}, [expected[text]]
+                elif kind == "pose":
+                    path, body, want = "/api/embed/pose", bodies[pose], [expected[pose]]
+                else:
+                    path, body = "/api/score", {**bodies[pose], "text": [text]}
+                    want = [[float(expected[pose] @ expected[text])]]
+                start = time.perf_counter()
+                status, _, data = api.request("POST", path, body, conn=conn)
+                took = time.perf_counter() - start
+                key = "scores" if kind == "score" else "embeddings"
+                ok = status == 200 and np.allclose(data[key], want, atol=1e-4)
+                with lock:
+                    latencies.append(took)
+                    if not ok:
+                        errors.append(f"{path} {status} {str(data)[:200]}")
+        finally:
+            conn.close()
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, k) for k in range(clients)]
+        done, not_done = concurrent.futures.wait(futures, timeout=120)
+    wall = time.perf_counter() - start
+    assert not not_done, "load test did not finish in 120 s"
+    for f in done:
+        f.result()
+    assert errors == [], errors[:5]
+    assert len(latencies) == clients * per_client
+    ms = np.percentile(np.array(latencies) * 1000, [50, 90, 99])
+    print(
+        f"\nload: {clients} clients x {per_client} requests in {wall:.2f} s = "
+        f"{len(latencies) / wall:.1f} req/s; latency p50 {ms[0]:.1f} ms, p90 {ms[1]:.1f} ms, "
+        f"p99 {ms[2]:.1f} ms"
+    )
+    # Concurrent requests were merged into shared model calls (counters of the worker asked).
+    _, _, ready = api.request("GET", "/ready")
+    assert ready["model_calls"] < ready["requests"], ready
+
+
+# ---------------------------------------------------------------------------------- failures
+def test_cli_help_and_usage_errors(tmp_path):
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "signclip_jax.serve", *a], cwd=ROOT, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    r = run("--help")
+    assert r.returncode == 0 and "/api/embed/pose" in r.stdout and "--workers" in r.stdout
+    r = run(f"--workdir={tmp_path}", "--port=1")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: no checkpoints in")
+    assert "Traceback" not in r.stderr
+    r = run(f"--workdir={tmp_path}", "--port=99999")
+    assert r.returncode == 2 and "--port" in r.stderr
+
+
+@pytest.mark.slow
+def test_worker_that_cannot_load_stops_the_server(tiny_workdir, tmp_path):
+    """A checkpoint that does not match its model_config.json: the worker reports it and exits,
+    gunicorn stops with a non-zero code instead of serving 503s forever."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_workdir, broken)
+    spec = json.loads((broken / "model_config.json").read_text())
+    spec["video_layers"] += 1
+    (broken / "model_config.json").write_text(json.dumps(spec))
+    log = tmp_path / "server.log"
+    proc, _ = start_server([f"--workdir={broken}", "--batch_size=8"], log)
+    try:
+        code = proc.wait(180)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert code == serve.APP_LOAD_ERROR, text[-2000:]
+    assert "error: loading the model failed" in text and "does not match" in text
+
+
+# ---------------------------------------------------------------------------------- units
+class FakeEmbedder:
+    """Rows encode their input (pose: frame count, text: length) so splitting can be checked;
+    the first call blocks until released, so later requests pile up behind it."""
+
+    hidden_size = 2
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.calls: list[tuple[int, int]] = []
+
+    def embed_features(self, feats):
+        self.release.wait(10)
+        self.calls.append(("pose", len(feats)))
+        return np.array([[len(f), i] for i, f in enumerate(feats)], np.float32)
+
+    def embed_texts(self, texts):
+        self.release.wait(10)
+        self.calls.append(("text", len(texts)))
+        if "boom" in texts:
+            raise RuntimeError("model failure")
+        return np.array([[len(t), i] for i, t in enumerate(texts)], np.float32)
+
+
+def test_batcher_merges_and_splits():
+    fake = FakeEmbedder()
+    batcher = serve.Batcher(fake, batch_size=64, wait_s=0.0, max_queue=100)
+    first = batcher.submit([np.zeros((3, 1))], [])
+    time.sleep(0.1)  # the model thread is now blocked inside the first call
+    later = [batcher.submit([np.zeros((k, 1))] * k, ["t" * k]) for k in range(1, 6)]
+    fake.release.set()
+    assert first.result(5)[0].tolist() == [[3, 0]]
+    for k, future in enumerate(later, start=1):
+        poses, texts = future.result(5)
+        assert poses[:, 0].tolist() == [k] * k and texts[:, 0].tolist() == [k]
+    # The five waiting requests went through each tower once, together.
+    assert fake.calls == [("pose", 1), ("pose", 15), ("text", 5)]
+    assert (batcher.batches, batcher.requests) == (2, 6)
+
+
+def test_batcher_errors_and_backpressure():
+    fake = FakeEmbedder()
+    batcher = serve.Batcher(fake, batch_size=64, wait_s=0.0, max_queue=2)
+    blocker = batcher.submit([], ["a"])
+    time.sleep(0.1)
+    bad, good = batcher.submit([], ["boom"]), batcher.submit([], ["ok"])
+    with pytest.raises(serve.ApiError) as e:  # queue holds 2: the third waits nowhere
+        batcher.submit([], ["x"])
+    assert e.value.status == 503 and e.value.headers["Retry-After"]
+    fake.release.set()
+    blocker.result(5)
+    with pytest.raises(RuntimeError, match="model failure"):
+        bad.result(5)
+    with pytest.raises(RuntimeError):  # merged with the failing one: told, not left hanging
+        good.result(5)
+    assert batcher.submit([], ["fine"]).result(5)[1].tolist() == [[4, 0]]
+
+
+def test_settings_from_env():
+    s = serve.ServeSettings.from_env(
+        {"SIGNCLIP_WORKDIR": "/w", "SIGNCLIP_BATCH_SIZE": "16", "SIGNCLIP_WARM_UP": "false",
+         "SIGNCLIP_BATCH_WAIT_MS": "0.5", "SIGNCLIP_MODEL_NAME": "", "OTHER": "x"}
+    )  # fmt: skip
+    assert (s.workdir, s.batch_size, s.warm_up, s.batch_wait_ms) == ("/w", 16, False, 0.5)
+    assert s.model_name == "default" and s.checkpoint is None
+    with pytest.raises(UserError, match="SIGNCLIP_BATCH_SIZE='many'"):
+        serve.ServeSettings.from_env({"SIGNCLIP_WORKDIR": "/w", "SIGNCLIP_BATCH_SIZE": "many"})
+    with pytest.raises(UserError, match="no model"):
+        serve.ServeSettings.from_env({})
+    with pytest.raises(UserError, match="max_items must be >= 1"):
+        serve.ServeSettings.from_env({"SIGNCLIP_CHECKPOINT": "/c", "SIGNCLIP_MAX_ITEMS": "0"})
+
+
+def test_app_whose_model_failed_to_load(tmp_path):
+    """In-process (Flask test client): liveness stays up, readiness and the API say 503."""
+    settings = serve.ServeSettings(workdir=str(tmp_path), exit_on_load_error=False)
+    host = serve.ModelHost(settings)
+    app = serve.create_app(settings, host=host.start())
+    assert host.wait(60) == "failed"
+    client = app.test_client()
+    assert client.get("/health").status_code == 200
+    r = client.get("/ready")
+    assert r.status_code == 503 and r.json["status"] == "failed"
+    assert "no checkpoints" in r.json["error"]
+    r = client.post("/api/embed/text", json={"text": "a"})
+    assert r.status_code == 503 and "failed to load" in r.json["error"]

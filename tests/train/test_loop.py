@@ -1,0 +1,365 @@
+"""End-to-end training on generated data: files written, resume after a stop equals an
+uninterrupted run bit for bit (CPU), bad configs are clear errors.
+
+A tiny random BERT (2 layers, width 32) replaces the MiniLM weights to keep compiles short;
+the tokenizer is still the bundled MiniLM one. The mesh spans the 8 host CPU devices.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from signclip_jax import checkpoint as ckpt_lib
+from signclip_jax.errors import UserError
+from signclip_jax.train import loop as train_lib
+from tests.helpers import ROOT, load_config, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _params(workdir: Path, step: int):
+    import jax
+
+    step_dir = workdir / "checkpoints" / str(step) / "params"
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as c:
+        tree = c.restore(step_dir)
+    return jax.tree.map(np.asarray, tree)
+
+
+def _metrics(workdir: Path):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+class _StopAfter:
+    """Stands in for PreemptionGuard: reports a SIGTERM from poll n+1 on (polled once per step)."""
+
+    def __init__(self, n):
+        self.n = n
+        self.polls = 0
+
+    @property
+    def requested(self):
+        self.polls += 1
+        return "SIGTERM" if self.polls > self.n else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_workdir):
+    """An uninterrupted 4-step run on the 8-device mesh (the shared `tiny_workdir`, same
+    config and same generated data as `synthetic_dir`): (workdir, last train metrics)."""
+    last = [r for r in _metrics(tiny_workdir) if r.get("split") == "train"][-1]
+    return tiny_workdir, last
+
+
+def test_train_writes_workdir_and_resumes_exactly(
+    tmp_path, synthetic_dir, straight_run, monkeypatch
+):
+    straight, last = straight_run
+    assert last["step"] == 4 and np.isfinite(last["loss"])
+
+    for name in ("config.json", "bert_config.json", "model_config.json", "metrics.jsonl"):
+        assert (straight / name).exists(), name
+    assert (straight / "tokenizer" / "tokenizer.json").exists()
+    rows = _metrics(straight)
+    assert all("step" in r for r in rows)
+    train_rows = [r for r in rows if r.get("split") == "train"]
+    assert [r["step"] for r in train_rows] == [2, 4] and all("loss" in r for r in train_rows)
+    val = [r for r in rows if r.get("split") == "val"]
+    assert val and "v2t/R@1" in val[-1] and "t2v/R@1" in val[-1]
+
+    # Stopped by a signal after 2 steps, then resumed: same parameters, bit for bit.
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(ckpt_lib, "PreemptionGuard", lambda: _StopAfter(1))
+    first = train_lib.train(tiny_config(synthetic_dir), str(resumed))
+    assert first["step"] == 2
+    assert ckpt_lib.Checkpointer(resumed).all_steps() == [2]
+    monkeypatch.undo()
+    train_lib.train(tiny_config(synthetic_dir), str(resumed))
+
+    a, b = _params(straight, 4), _params(resumed, 4)
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+    loss_a = [r["loss"] for r in _metrics(straight) if r.get("split") == "train" and r["step"] == 4]
+    loss_b = [r["loss"] for r in _metrics(resumed) if r.get("split") == "train" and r["step"] == 4]
+    assert loss_a == loss_b
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+    else:
+        out[prefix] = tree
+    return out
+
+
+def test_bfloat16_training_feeds_bfloat16_poses(tmp_path, synthetic_dir, monkeypatch):
+    # data.pose_dtype "auto" with model.dtype bfloat16: train and validation batches carry
+    # bf16 poses (half the bytes), and the run trains (finite loss, validation metrics).
+    from signclip_jax.train import sharding
+
+    fed = []
+    shard_batch = sharding.shard_batch
+
+    def spy(batch, *args, **kwargs):
+        fed.append(np.asarray(batch["pose"]).dtype.name)
+        return shard_batch(batch, *args, **kwargs)
+
+    monkeypatch.setattr(sharding, "shard_batch", spy)
+    config = tiny_config(synthetic_dir, total_steps=2)
+    config.model.dtype = "bfloat16"
+    config.eval_every_steps = 2
+    config.data.workers = 0
+    train_lib.train(config, str(tmp_path / "w"))
+    assert len(fed) >= 3 and set(fed) == {"bfloat16"}  # 2 train steps, >= 1 val batch
+    rows = _metrics(tmp_path / "w")
+    assert np.isfinite([r["loss"] for r in rows if r.get("split") == "train"]).all()
+    assert any(r.get("split") == "val" for r in rows)
+
+
+def test_batch_not_divisible_is_a_clear_error(tmp_path, synthetic_dir):
+    config = tiny_config(synthetic_dir)
+    config.batch_size = 12  # 8 devices
+    with pytest.raises(UserError, match="batch_size 12"):
+        train_lib.train(config, str(tmp_path / "w"))
+
+
+def _run_cli(*args, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "signclip_jax.train", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("hub_model", ["bert-base-cased", "no-such-org/no-such-bert"])
+def test_cli_hub_model_offline_is_one_clear_error(tmp_path, hub_model):
+    result = _run_cli(
+        "--config=configs/spreadthesign.py:runlocal",
+        f"--workdir={tmp_path / 'w'}",
+        f"--config.model.text_model={hub_model}",
+    )
+    assert result.returncode == 2
+    assert hub_model in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_help_explains_and_succeeds():
+    result = _run_cli("--help")
+    assert result.returncode == 0
+    assert "--workdir" in result.stdout and "Trains SignCLIP" in result.stdout
+
+
+def test_cli_requires_workdir():
+    result = _run_cli("--config=configs/demo.py")
+    assert result.returncode == 2 and "--workdir" in result.stderr
+
+
+_RUN = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={devices}"
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests.helpers import tiny_config
+from signclip_jax.train import loop as train
+config = tiny_config(Path({synthetic!r}))
+if {no_dropout}:
+    config.model.hidden_dropout = 0.0
+    config.model.attention_dropout = 0.0
+train.train(config, {workdir!r})
+"""
+
+
+def _run_code(synthetic_dir, workdir, *, devices, no_dropout=False):
+    return _RUN.format(
+        root=str(ROOT), synthetic=str(synthetic_dir), workdir=str(workdir), devices=devices,
+        no_dropout=no_dropout,
+    )  # fmt: skip
+
+
+def _logged_losses(workdir):
+    return [(r["step"], r["loss"]) for r in _metrics(workdir) if r.get("split") in ("train", "val")]
+
+
+def _subprocess_env(**extra):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def test_one_device_matches_eight_devices(tmp_path, synthetic_dir, straight_run):
+    """Same seed, same data: the loss trajectory on 1 device equals the 8-device one."""
+    import subprocess
+    import sys
+
+    eight, _ = straight_run
+    one = tmp_path / "one"
+    result = subprocess.run(
+        [sys.executable, "-c", _run_code(synthetic_dir, one, devices=1)],
+        cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _logged_losses(eight), _logged_losses(one)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    diff = np.abs(np.array([v for _, v in a]) - np.array([v for _, v in b]))
+    print(f"1 vs 8 devices, max |d loss| over {len(a)} logged losses: {diff.max():.3g}")
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-5, atol=1e-5)
+
+
+def test_two_processes_match_one_process(tmp_path, synthetic_dir):
+    """2 processes x 4 CPU devices on loopback (gloo) == 1 process x 8 devices.
+
+    Dropout is off: each process reads every other example of the shuffled stream, so the
+    global batch holds the same examples in another row order; the loss does not depend on
+    row order, but dropout masks do.
+    """
+    import subprocess
+    import sys
+
+    import portpicker
+
+    single = tmp_path / "single"
+    result = subprocess.run(
+        [sys.executable, "-c", _run_code(synthetic_dir, single, devices=8, no_dropout=True)],
+        cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    port = portpicker.pick_unused_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _run_code(synthetic_dir, multi, devices=4, no_dropout=True)],
+            cwd=ROOT,
+            env=_subprocess_env(
+                SIGNCLIP_COORDINATOR=f"127.0.0.1:{port}",
+                SIGNCLIP_NUM_PROCESSES="2",
+                SIGNCLIP_PROCESS_ID=str(pid),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    a, b = _logged_losses(single), _logged_losses(multi)
+    assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 3
+    diff = np.abs(np.array([v for _, v in a]) - np.array([v for _, v in b]))
+    print(f"2 processes vs 1, max |d loss| over {len(a)} logged losses: {diff.max():.3g}")
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-5, atol=1e-5)
+    assert ckpt_lib.Checkpointer(multi).all_steps() == [2, 4]
+
+
+def _manifest_from(workdir: Path, path: Path) -> Path:
+    """A manifest CSV (pose, text, split) over the synthetic clips a tiny run trained on."""
+    import csv
+
+    config = json.loads((workdir / "config.json").read_text())
+    synthetic = Path(config["data"]["synthetic_dir"])
+    poses = sorted((synthetic / "poses").glob("*.pose"))
+    rows = list(csv.DictReader(next(synthetic.glob("*.csv")).open()))
+    text_of = {r["pose"]: r["text"] for r in rows if r["language"] == "en"}
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["pose", "text", "split"])
+        for i, p in enumerate(poses):
+            # Upper case plus a digit: the asl_citizen gloss clean-up undoes both.
+            writer.writerow(
+                [str(p), f"{text_of[p.name].upper()}{i % 3}", "val" if i % 4 == 0 else "train"]
+            )
+    return path
+
+
+def test_finetune_from_a_workdir(tmp_path, tiny_workdir):
+    """configs/finetune_islr.py: architecture, tokenizer and weights come from init_from."""
+    config = load_config("finetune_islr", "dataset=manifest,batch_size=8")
+    config.init_from = str(tiny_workdir)
+    config.total_steps = 2
+    config.eval_every_steps = 2
+    config.data.manifest = str(_manifest_from(tiny_workdir, tmp_path / "manifest.csv"))
+    config.data.workers = 0
+    config.data.gloss_style = "asl_citizen"
+    config.loss.name = "clip"  # the source used signclip: its loss scalars start fresh
+    config.optimizer.lr = 0.0  # so the fine-tuned weights must equal the source's
+
+    with pytest.raises(UserError, match="max_frames=256 exceeds"):
+        train_lib.train(config, str(tmp_path / "too_long"))
+    config.data.max_frames = 96
+    out = tmp_path / "ft"
+    train_lib.train(config, str(out))
+
+    source_spec = json.loads((tiny_workdir / "model_config.json").read_text())
+    assert json.loads((out / "model_config.json").read_text()) == source_spec
+    assert source_spec["video_layers"] != config.model.video_layers  # taken from the source
+    a, b = _flatten(_params(tiny_workdir, 4)["model"]), _flatten(_params(out, 2)["model"])
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert float(_params(out, 2)["loss"]["logit_scale"]) == pytest.approx(np.log(1 / 0.07))
+    val = [r for r in _metrics(out) if r.get("split") == "val"]
+    assert val and np.isfinite(val[-1]["loss"])
+
+
+def test_finetune_from_a_checkpoint_step_and_config_errors(tmp_path, tiny_workdir):
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        load_config("finetune_islr", "dataset=nope")
+    config = load_config("finetune_islr", "dataset=manifest,batch_size=8")
+    config.init_from = str(tmp_path / "missing")
+    config.data.manifest = str(_manifest_from(tiny_workdir, tmp_path / "manifest.csv"))
+    with pytest.raises(UserError, match="no checkpoints"):
+        train_lib.train(config, str(tmp_path / "ft"))
+    # A step directory works as init_from too (its workdir supplies config and tokenizer).
+    from signclip_jax import run as inference
+
+    run_dir, step_dir = inference.resolve_run_dir(tiny_workdir / "checkpoints" / "2")
+    assert run_dir == tiny_workdir and step_dir.name == "2"
+
+
+def test_compilation_cache_is_written_even_after_a_first_compile(tmp_path):
+    # config.compilation_cache_dir: "~" expands, and enabling it after this process has
+    # compiled something still takes effect (JAX otherwise decides once, at the first compile).
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from signclip_jax.train.monitor import enable_compilation_cache\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "jax.jit(lambda x: x + 1)(jnp.ones(3))\n"
+        "print(enable_compilation_cache('~/xla-cache'))\n"
+        "jax.jit(lambda x: x * 2 + 1)(jnp.ones(3))\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(tmp_path / "xla-cache")
+    assert any((tmp_path / "xla-cache").iterdir())
