@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from signclip_jax import files
 from signclip_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -75,7 +76,7 @@ class Checkpointer:
     ):
         if best_mode not in ("min", "max"):
             raise UserError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-        self.directory = as_path(workdir) / CHECKPOINT_DIR
+        self.directory = files.as_path(workdir) / CHECKPOINT_DIR
         self.best_metric = best_metric
         self.best_mode = best_mode
         options = ocp.CheckpointManagerOptions(
@@ -201,13 +202,6 @@ class Checkpointer:
         self.close()
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """epath of a local path (made absolute: Orbax refuses relative ones) or a gs:// URL."""
-    if "://" in str(path):
-        return epath.Path(path)
-    return epath.Path(os.path.abspath(os.fspath(path)))
-
-
 def resolve_step_dir(
     workdir: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -216,13 +210,13 @@ def resolve_step_dir(
 ) -> epath.Path:
     """The step directory to read for `--workdir` (latest or best) or `--checkpoint=STEP_DIR`."""
     if checkpoint:
-        path = as_path(checkpoint)
+        path = files.as_path(checkpoint)
         if not (path / "params").exists():
             raise UserError(f"{path} is not a checkpoint step directory (no params/ inside)")
         return path
     if not workdir:
         raise UserError("give --workdir=DIR or --checkpoint=STEP_DIR")
-    directory = as_path(workdir) / CHECKPOINT_DIR
+    directory = files.as_path(workdir) / CHECKPOINT_DIR
     if not directory.exists():
         raise UserError(f"no checkpoints in {workdir} (expected {directory})")
     ckpt = Checkpointer(workdir, async_save=False)
@@ -239,7 +233,7 @@ def resolve_step_dir(
 
 def restore_params(step_dir: str | os.PathLike, abstract_params: Any) -> Any:
     """Reads only the parameters of one step directory (evaluate, embed, serve, convert)."""
-    path = as_path(step_dir) / "params"
+    path = files.as_path(step_dir) / "params"
     if not path.exists():
         raise UserError(f"{step_dir} has no params/ checkpoint")
     with ocp.StandardCheckpointer() as checkpointer:
@@ -279,17 +273,6 @@ class PreemptionGuard:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON to a temporary name and renames it, so readers never see half a file."""
-    path = epath.Path(path)
-    if str(path).startswith("gs://"):
-        path.write_text(json.dumps(obj, indent=2, sort_keys=True))  # GCS object writes are atomic
-        return
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class WorkdirLock:

@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 
@@ -110,14 +109,6 @@ def test_preemption_guard_turns_sigterm_into_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.requested == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-
-
-def test_write_json_atomic(tmp_path):
-    path = tmp_path / "config.json"
-    ckpt_lib.write_json_atomic(path, {"a": 1})
-    ckpt_lib.write_json_atomic(path, {"a": 2})
-    assert json.loads(path.read_text()) == {"a": 2}
-    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 def test_workdir_lock_refuses_a_second_trainer_and_takes_over_stale_locks(tmp_path):

@@ -41,12 +41,11 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from signclip_jax import cli
+from signclip_jax import cli, files
 from signclip_jax import config as config_lib
 from signclip_jax.errors import UserError
 
@@ -125,26 +124,6 @@ class MirroredSource:
         return {**meta, "points": arr.points, "observed": arr.observed, "fps": arr.fps}
 
 
-class _Head:
-    """The first `n` records of a source (--limit)."""
-
-    def __init__(self, source, n: int):
-        self.source, self.n = source, min(int(n), len(source))
-        self.skipped = getattr(source, "skipped", [])
-
-    @property
-    def components(self):
-        return getattr(self.source, "components", None)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.n:
-            raise IndexError(index)
-        return self.source[index]
-
-
 # ---------------------------------------------------------------------------------------------
 # Embedding one split.
 
@@ -198,7 +177,7 @@ def embed_split(
     settings = run.settings
     source = sources.make_source(config.data, split=split, workdir=str(run.workdir))
     if limit:
-        source = _Head(source, limit)
+        source = files.FirstN(source, limit)
     mirrored = None
     data_cfg = config.data
     if flip != "none":
@@ -441,30 +420,6 @@ def default_shots(train_keys: Sequence[str], test_keys: Sequence[str]) -> tuple[
 # Files.
 
 
-def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Atomic for local paths (temporary name + rename); object stores write whole objects."""
-    if "://" in str(path):
-        from etils import epath
-
-        epath.Path(path).write_bytes(data)
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
 def _one_line(s: str) -> str:
     return s.replace("\r", " ").replace("\n", " ")
 
@@ -473,12 +428,12 @@ def save_embeddings(folder: str | os.PathLike, data: SplitEmbeddings, text_emb: 
     """pose_embeddings.npy [N, H], text_embeddings.npy [N, H] (each example's prompt),
     ids.txt, texts.txt (prompts, one a line), examples.jsonl (all metadata)."""
     folder = str(folder)
-    _write_bytes(os.path.join(folder, "pose_embeddings.npy"), _npy_bytes(data.pose))
-    _write_bytes(os.path.join(folder, "text_embeddings.npy"), _npy_bytes(text_emb))
-    _write_bytes(
+    for name, array in (("pose_embeddings.npy", data.pose), ("text_embeddings.npy", text_emb)):
+        files.write_bytes_atomic(os.path.join(folder, name), files.npy_bytes(array))
+    files.write_bytes_atomic(
         os.path.join(folder, "ids.txt"), "".join(_one_line(i) + "\n" for i in data.ids).encode()
     )
-    _write_bytes(
+    files.write_bytes_atomic(
         os.path.join(folder, "texts.txt"),
         "".join(_one_line(p) + "\n" for p in data.prompts).encode(),
     )
@@ -495,7 +450,7 @@ def save_embeddings(folder: str | os.PathLike, data: SplitEmbeddings, text_emb: 
             "flipped": bool(data.flipped[i]),
         }
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    _write_bytes(os.path.join(folder, "examples.jsonl"), "".join(lines).encode())
+    files.write_bytes_atomic(os.path.join(folder, "examples.jsonl"), "".join(lines).encode())
 
 
 def plot_map(
@@ -556,7 +511,7 @@ def plot_map(
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _write_bytes(path, buf.getvalue())
+    files.write_bytes_atomic(path, buf.getvalue())
 
 
 def _flatten(results: dict[str, Any]) -> list[tuple[str, str, str, Any]]:
@@ -593,7 +548,7 @@ def write_results(out_dir: str | os.PathLike, name: str, results: dict[str, Any]
         "json": os.path.join(str(out_dir), f"{name}.json"),
         "csv": os.path.join(str(out_dir), f"{name}.csv"),
     }
-    _write_bytes(paths["json"], (json.dumps(_plain(results), indent=2) + "\n").encode())
+    files.write_bytes_atomic(paths["json"], (json.dumps(_plain(results), indent=2) + "\n").encode())
     buf = io.StringIO()
     import csv
 
@@ -601,7 +556,7 @@ def write_results(out_dir: str | os.PathLike, name: str, results: dict[str, Any]
     writer.writerow(["task", "group", "metric", "value"])
     for row in _flatten(results):
         writer.writerow(row)
-    _write_bytes(paths["csv"], buf.getvalue().encode())
+    files.write_bytes_atomic(paths["csv"], buf.getvalue().encode())
     return paths
 
 

@@ -28,27 +28,21 @@ import concurrent.futures
 import glob
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from signclip_jax import cli
+from signclip_jax import cli, files
 from signclip_jax.errors import UserError
 
 POSE_SUFFIX = ".pose"
-VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv")
 VIDEO_HELP = "video input needs the optional video environment; see README"
 EXIT_SOME_FAILED = 1
 
 
 # ---------------------------------------------------------------------------------- inputs
-def is_video(name: str | os.PathLike) -> bool:
-    return Path(name).suffix.lower() in VIDEO_SUFFIXES
-
-
 class VideoUnavailable(UserError):
     """Video input without the optional video environment (as opposed to a bad video)."""
 
@@ -114,7 +108,7 @@ def read_texts_file(path: str | os.PathLike) -> list[str]:
 
 def pose_features(embedder: Any, path: str) -> np.ndarray:
     """One input file -> [min(T, max_frames), D] features (DataError/UserError if unusable)."""
-    if is_video(path):
+    if files.is_video(path):
         return embedder.pose_features(video_to_pose_bytes(path, name=path), name=path)
     return embedder.pose_features(path, name=path)
 
@@ -173,21 +167,6 @@ def embed_files(
             progress(len(part))
     emb = np.concatenate(rows) if rows else np.zeros((0, embedder.hidden_size), np.float32)
     return emb.astype(np.float32, copy=False), good, failed
-
-
-def write_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez to a temporary file in the target's folder, then os.replace onto `path`, so a
-    reader never sees a half-written file and a crash leaves any old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _str_array(values: Sequence[str]) -> np.ndarray:
@@ -291,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     text_emb = embedder.embed_texts(texts).astype(np.float32, copy=False)
 
-    write_npz_atomic(
+    files.write_npz_atomic(
         args.out,
         {
             "pose_embeddings": pose_emb,
@@ -314,9 +293,7 @@ __all__ = [
     "VideoUnavailable",
     "embed_files",
     "expand_poses",
-    "is_video",
     "main",
     "read_texts_file",
     "video_to_pose_bytes",
-    "write_npz_atomic",
 ]

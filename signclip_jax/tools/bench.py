@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from signclip_jax import cli
+from signclip_jax import cli, files
 from signclip_jax import config as config_lib
 from signclip_jax.errors import UserError
 
@@ -177,7 +177,7 @@ def bench_input(args: argparse.Namespace) -> dict[str, Any]:
             packed_dir = args.shards
         else:  # pack the first n examples to compare like with like
             spec = settings.spec
-            subset = _Subset(pose_source, n)
+            subset = files.FirstN(pose_source, n)
             packed_dir = str(tmp / "packed")
             pack(subset, packed_dir, spec=type(spec)(spec.components, spec.include_z, 0),
                  dtype=args.dtype, shard_size=max(n // 4, 1))  # fmt: skip
@@ -214,23 +214,6 @@ def bench_input(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "results": rows,
     }
-
-
-class _Subset:
-    """The first n records of a source."""
-
-    def __init__(self, source, n: int):
-        self.source, self.n = source, n
-        self.skipped = list(getattr(source, "skipped", []))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        return self.source[i]
-
-    def __repr__(self) -> str:
-        return f"first {self.n} of {self.source!r}"
 
 
 def print_input(result: dict[str, Any]) -> None:
@@ -964,7 +947,7 @@ def twin_main(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json_atomic(out_path, result)
+    files.write_json_atomic(out_path, result)
     return 0
 
 
@@ -1422,18 +1405,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """JSON to `path` via a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _split_overrides(parser, args, extra: list[str]) -> None:
     """--config.KEY=VALUE leftovers and --set KEY=VALUE -> args.overrides [(KEY, VALUE)]."""
     overrides, unknown = [], []
@@ -1471,7 +1442,7 @@ def main(argv: list[str] | None = None) -> int:
     result = args.run(args)
     args.show(result)
     if args.out:
-        write_json_atomic(args.out, result)
+        files.write_json_atomic(args.out, result)
         print(f"wrote {args.out}")
     sys.stdout.flush()
     return 0

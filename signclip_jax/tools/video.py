@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from signclip_jax import cli
+from signclip_jax import cli, files
 from signclip_jax.errors import UserError
 
 ENV_VAR = "SIGNCLIP_VIDEO_PYTHON"
@@ -40,8 +40,6 @@ REQUIREMENTS = REPO_ROOT / "requirements-video.txt"
 WORKER = Path(__file__).resolve().with_name("video_worker.py")
 RESULT_PREFIX = "@@signclip-video "  # must match video_worker.RESULT_PREFIX
 _EXIT_ENV = 3  # video_worker.EXIT_ENV: the environment lacks a package
-VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".wmv",
-                  ".flv", ".3gp", ".ogv")  # fmt: skip
 DEFAULT_TIMEOUT = 600.0  # seconds per video; CPU Holistic runs at roughly 5-15 frames/s
 MODEL_COMPLEXITIES = (0, 1, 2)  # only 1 ships in the wheel; 0 and 2 are downloaded on first use
 _STDERR_TAIL = 1500  # characters of the worker's stderr quoted in an error
@@ -49,11 +47,6 @@ _STDERR_TAIL = 1500  # characters of the worker's stderr quoted in an error
 
 class VideoEnvError(UserError):
     """The video environment is missing or its python cannot run (as opposed to a bad video)."""
-
-
-def is_video(path_or_name: str | os.PathLike) -> bool:
-    """True when the name ends in a video extension (case-insensitive): .mp4, .mov, .webm, ..."""
-    return Path(os.fspath(path_or_name)).suffix.lower() in VIDEO_SUFFIXES
 
 
 def _user_venv() -> Path:
@@ -105,20 +98,6 @@ def _require_python(name: str) -> str:
     if python is None:
         raise VideoEnvError(_missing_env_message(name))
     return python
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _worker_env() -> dict[str, str]:
@@ -251,7 +230,7 @@ def video_to_pose(
     _require_python(name)  # fail fast, before writing temporary files
     with tempfile.TemporaryDirectory(prefix="signclip-video-") as tmp:
         if data is not None:
-            suffix = Path(name).suffix.lower() if is_video(name) else ".video"
+            suffix = Path(name).suffix.lower() if files.is_video(name) else ".video"
             path = Path(tmp) / f"input{suffix}"
             path.write_bytes(data)
         pose_path = Path(tmp) / "output.pose"
@@ -265,7 +244,7 @@ def video_to_pose(
             raise _video_error(name, record)
         result = pose_path.read_bytes()
     if out is not None:
-        write_atomic(out, result)
+        files.write_bytes_atomic(out, result)
     return result
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from absl import logging as absl_logging
 
+from signclip_jax import files
+
 log = logging.getLogger("signclip_jax.train")
 
 
@@ -83,7 +85,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
         if local_workdir:
             os.makedirs(workdir, exist_ok=True)
         config_json = json.loads(config.to_json_best_effort())
-        ckpt_lib.write_json_atomic(epath.Path(workdir) / "config.json", config_json)
+        files.write_json_atomic(epath.Path(workdir) / "config.json", config_json, sort_keys=True)
 
     #### Mesh: the batch shards over the data and FSDP axes (never over a model axis).
     mesh = sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
@@ -136,8 +138,9 @@ def _train(config, workdir: str) -> dict[str, Any]:
     model = signclip_model.SignCLIP(mcfg, rngs=nnx.Rngs(config.seed, dropout=config.seed + 1))
     if is_main:
         run_dir = epath.Path(workdir)
-        ckpt_lib.write_json_atomic(run_dir / "model_config.json", model.config_dict())
-        ckpt_lib.write_json_atomic(run_dir / "bert_config.json", model.bert_config_dict())
+        for name, obj in (("model_config.json", model.config_dict()),
+                          ("bert_config.json", model.bert_config_dict())):  # fmt: skip
+            files.write_json_atomic(run_dir / name, obj, sort_keys=True)
         inference.save_tokenizer(tokenizer, run_dir)
 
     #### Shard and step: parameters and optimiser state by the rules in sharding.py, one

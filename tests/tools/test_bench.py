@@ -294,16 +294,6 @@ def test_config_overrides():
             config_lib.apply_overrides(config, [f"{key}={raw}"], new_keys=bench.OPTIONAL_KEYS)
 
 
-def test_write_json_atomic(tmp_path):
-    from signclip_jax.tools import bench
-
-    path = tmp_path / "sub" / "r.json"
-    bench.write_json_atomic(path, {"a": 1})
-    bench.write_json_atomic(path, {"a": 2})
-    assert json.loads(path.read_text()) == {"a": 2}
-    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]
-
-
 def test_train_help_and_bad_arguments():
     r = _run("train", "--help")
     assert r.returncode == 0 and "--twin" in r.stdout and "--lengths" in r.stdout

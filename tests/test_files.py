@@ -1,0 +1,94 @@
+"""signclip_jax.files: atomic writes, video names, the first-n view of a source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from signclip_jax import files
+
+
+def test_write_json_atomic_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "config.json"
+    files.write_json_atomic(path, {"b": 1, "a": 1})
+    files.write_json_atomic(path, {"b": 2, "a": 2}, sort_keys=True)
+    assert json.loads(path.read_text()) == {"a": 2, "b": 2}
+    assert path.read_text().index('"a"') < path.read_text().index('"b"')
+    assert [p.name for p in path.parent.iterdir()] == ["config.json"]
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    out = tmp_path / "x.pose"
+    out.write_bytes(b"old")
+
+    class Unwritable:  # bytes-like that fails mid-write
+        def __buffer__(self, flags):
+            raise OSError("disk full")
+
+    with pytest.raises(TypeError):
+        files.write_bytes_atomic(out, Unwritable())  # type: ignore[arg-type]
+    assert out.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pose"]
+    files.write_bytes_atomic(tmp_path / "new" / "y.pose", b"abc")
+    assert (tmp_path / "new" / "y.pose").read_bytes() == b"abc"
+
+
+def test_write_npz_atomic_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
+    out = tmp_path / "sub" / "o.npz"
+    files.write_npz_atomic(out, {"x": np.arange(3)})
+    np.testing.assert_array_equal(np.load(out)["x"], np.arange(3))
+
+    def broken(f, **arrays):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        files.write_npz_atomic(out, {"x": np.arange(5)})
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(out)["x"], np.arange(3))  # the old file is intact
+    assert [p.name for p in out.parent.iterdir()] == ["o.npz"]  # no temporary left behind
+
+
+def test_npy_bytes_round_trip():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]  # not contiguous
+    import io
+
+    np.testing.assert_array_equal(np.load(io.BytesIO(files.npy_bytes(a))), a)
+
+
+def test_is_video():
+    assert files.is_video("clip.mp4") and files.is_video(Path("a/B.MOV"))
+    assert files.is_video("x.webm") and files.is_video("x.mkv") and files.is_video("a/B.MKV")
+    assert files.is_video("x.avi")
+    assert not files.is_video("house.pose")
+    assert not files.is_video("mp4")  # no suffix
+    assert not files.is_video("clips.mp4/house.pose")
+
+
+def test_as_path_makes_local_paths_absolute_and_keeps_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert str(files.as_path("runs/x")) == str(tmp_path / "runs" / "x")
+    assert str(files.as_path("gs://bucket/run")) == "gs://bucket/run"
+
+
+def test_first_n_is_a_bounded_view_that_keeps_skipped_and_components():
+    class Source:
+        skipped = ("bad.pose",)
+        components = ("POSE_LANDMARKS",)
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return {"i": i}
+
+    view = files.FirstN(Source(), 3)
+    assert len(view) == 3 and view[2] == {"i": 2} and list(view) == [{"i": i} for i in range(3)]
+    assert view.skipped == ["bad.pose"] and view.components == ("POSE_LANDMARKS",)
+    with pytest.raises(IndexError):
+        view[3]
+    assert len(files.FirstN(Source(), 50)) == 5
