@@ -169,7 +169,7 @@ def embed_split(
 
     Features, prompts and the handling of unusable examples are those of training's
     validation (pipeline.make_eval_batches); each pose is then embedded on its own mask
-    (inference.Embedder), so the result does not depend on the batch.
+    (embedder_lib.Embedder), so the result does not depend on the batch.
     """
     from signclip_jax.data import pipeline, sources
 
@@ -722,11 +722,11 @@ def _check_options(opts: Options) -> None:
 
 
 def load(opts: Options):
-    """The run of `opts` with the config overrides applied (inference.Run)."""
-    from signclip_jax import run as inference
+    """The run of `opts` with the config overrides applied (run_lib.Run)."""
+    from signclip_jax import run as run_lib
     from signclip_jax.data import sources
 
-    run = inference.load_run(opts.workdir, opts.checkpoint, which=opts.which, dtype=opts.dtype)
+    run = run_lib.load_run(opts.workdir, opts.checkpoint, which=opts.which, dtype=opts.dtype)
     if opts.overrides:
         run = dataclasses.replace(
             run, config=config_lib.apply_overrides(run.config, opts.overrides)
@@ -752,20 +752,20 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Runs the requested tasks; writes the files; returns the results dict (as the JSON).
 
-    `embedder`: an inference.Embedder to reuse (its compiled towers and its run); then
+    `embedder`: an embedder_lib.Embedder to reuse (its compiled towers and its run); then
     opts.workdir / checkpoint / which / dtype are not read, and opts.overrides may change the
     data but not the model inputs (pose spec, length buckets, text length).
     """
-    from signclip_jax import run as inference
     from signclip_jax.data import sources
     from signclip_jax.evaluation import metrics
+    from signclip_jax.serving import embedder as embedder_lib
 
     _check_options(opts)
     t0 = time.perf_counter()
     say = echo or (lambda s: log.info("%s", s))
     run = embedder.run if embedder is not None else load(opts)  # load applies the overrides
     if embedder is None:
-        embedder = inference.Embedder(run, batch_size=opts.batch_size)
+        embedder = embedder_lib.Embedder(run, batch_size=opts.batch_size)
     elif opts.overrides:
         run = dataclasses.replace(
             run, config=config_lib.apply_overrides(run.config, opts.overrides)

@@ -213,14 +213,14 @@ def to_pytorch(
     force: bool = False,
 ) -> Path:
     """Restores a workdir's latest/best checkpoint (or one step dir) and exports it."""
-    from signclip_jax import run as inference
+    from signclip_jax import run as run_lib
     from signclip_jax.interop.torch_twin import check_output, torch_dtype
 
     if format not in FORMATS:
         raise UserError(f"--format must be one of {FORMATS}, got {format!r}")
     torch_dtype(dtype)
     check_output(out, force)  # before the (long) restore
-    run = inference.load_run(workdir, checkpoint, which=which)
+    run = run_lib.load_run(workdir, checkpoint, which=which)
     if format == "mmpt":
         _note_original_settings(run)
         return export_mmpt(run, out, dtype=dtype, position_ids=position_ids, force=force)
@@ -485,7 +485,7 @@ def from_pytorch(
     """An original SignCLIP checkpoint, a state_dict or a release folder -> a workdir.
 
     The workdir (config.json, model_config.json, bert_config.json, tokenizer/,
-    checkpoints/0/ with params {"model", "loss"}) restores with `inference.load_run(out)` and
+    checkpoints/0/ with params {"model", "loss"}) restores with `run_lib.load_run(out)` and
     initialises training with `--config.init_from=OUT`.
     """
     import jax

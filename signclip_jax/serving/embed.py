@@ -233,27 +233,31 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create its folder ({e.strerror or e})") from None
-    files = expand_poses(args.poses)
+    pose_files = expand_poses(args.poses)
     texts = list(args.texts)
     for path in args.texts_file:
         texts.extend(read_texts_file(path))
-    if not files and not texts:
+    if not pose_files and not texts:
         raise UserError("nothing to embed: give --poses and/or --texts / --texts_file")
 
     # Heavy imports only now: --help and usage errors stay instant.
     from tqdm import tqdm
 
-    from signclip_jax import run as inference
+    from signclip_jax import run as run_lib
+    from signclip_jax.serving import embedder as embedder_lib
 
-    run = inference.load_run(args.workdir, args.checkpoint, which=args.which, dtype=args.dtype)
-    embedder = inference.Embedder(run, batch_size=args.batch_size)
+    run = run_lib.load_run(args.workdir, args.checkpoint, which=args.which, dtype=args.dtype)
+    embedder = embedder_lib.Embedder(run, batch_size=args.batch_size)
     print(
-        f"embedding {len(files)} pose file(s) and {len(texts)} text(s) with {run.step_dir}",
+        f"embedding {len(pose_files)} pose file(s) and {len(texts)} text(s) with {run.step_dir}",
         file=sys.stderr,
     )
 
     bar = tqdm(
-        total=len(files), unit="pose", file=sys.stderr, disable=args.quiet or len(files) < 64
+        total=len(pose_files),
+        unit="pose",
+        file=sys.stderr,
+        disable=args.quiet or len(pose_files) < 64,
     )
 
     def report(path: str, message: str) -> None:
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     with bar:
         pose_emb, good, failed = embed_files(
             embedder,
-            files,
+            pose_files,
             chunk=max(8 * args.batch_size, 256),
             read_threads=args.read_threads,
             on_error=report,
@@ -283,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"wrote {args.out}: pose_embeddings {pose_emb.shape}, text_embeddings {text_emb.shape}"
-        + (f"; {len(failed)} of {len(files)} pose file(s) failed" if failed else ""),
+        + (f"; {len(failed)} of {len(pose_files)} pose file(s) failed" if failed else ""),
         file=sys.stderr,
     )
     return EXIT_SOME_FAILED if failed else 0

@@ -269,10 +269,11 @@ class ModelHost:
         s = self.settings
         try:
             start = time.monotonic()
-            from signclip_jax import run as inference  # jax starts here, in the worker, after fork
+            from signclip_jax import run as run_lib  # jax starts here, in the worker, after fork
+            from signclip_jax.serving import embedder as embedder_lib
 
-            run = inference.load_run(s.workdir, s.checkpoint, which=s.which, dtype=s.dtype)
-            embedder = inference.Embedder(run, batch_size=s.batch_size)
+            run = run_lib.load_run(s.workdir, s.checkpoint, which=s.which, dtype=s.dtype)
+            embedder = embedder_lib.Embedder(run, batch_size=s.batch_size)
             loaded = time.monotonic()
             if s.warm_up:
                 embedder.warm_up()

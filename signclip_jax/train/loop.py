@@ -58,7 +58,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
     from flax import nnx
 
     from signclip_jax import checkpoint as ckpt_lib
-    from signclip_jax import run as inference
+    from signclip_jax import run as run_lib
     from signclip_jax.data import pipeline, sources, text
     from signclip_jax.errors import UserError
     from signclip_jax.model import signclip as signclip_model
@@ -102,11 +102,11 @@ def _train(config, workdir: str) -> dict[str, Any]:
     #### Fine-tuning: the architecture and tokenizer come from the run named by init_from.
     init_dir = init_step_dir = None
     if config.init_from:
-        init_dir, init_step_dir = inference.resolve_run_dir(config.init_from)
+        init_dir, init_step_dir = run_lib.resolve_run_dir(config.init_from)
 
     #### Data.
     if init_dir is not None:
-        tokenizer = inference.load_tokenizer_for(init_dir, config)
+        tokenizer = run_lib.load_tokenizer_for(init_dir, config)
     else:
         tokenizer = text.load_tokenizer(text.resolve_text_model(config.model.text_model))
     train_source = sources.make_source(config.data, split="train", workdir=workdir)
@@ -141,7 +141,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
         for name, obj in (("model_config.json", model.config_dict()),
                           ("bert_config.json", model.bert_config_dict())):  # fmt: skip
             files.write_json_atomic(run_dir / name, obj, sort_keys=True)
-        inference.save_tokenizer(tokenizer, run_dir)
+        run_lib.save_tokenizer(tokenizer, run_dir)
 
     #### Shard and step: parameters and optimiser state by the rules in sharding.py, one
     # jitted update (train_step.py).
@@ -237,11 +237,11 @@ def _train(config, workdir: str) -> dict[str, Any]:
 def _finetune_model_config(config, init_dir):
     """The init_from run's architecture (model_config.json) with this config's compute
     settings (dtype, remat, attention, dropout). The data must fit its max_frames."""
-    from signclip_jax import run as inference
+    from signclip_jax import run as run_lib
     from signclip_jax.errors import UserError
 
     m = config.model
-    mcfg = inference.read_model_config(
+    mcfg = run_lib.read_model_config(
         init_dir, dtype=m.dtype, remat=m.remat, attention=m.attention
     )
     dropout = {
@@ -273,10 +273,10 @@ def _restore_init(init_dir, step_dir, params, config, mesh):
     import jax
 
     from signclip_jax import checkpoint as ckpt_lib
-    from signclip_jax import run as inference
+    from signclip_jax import run as run_lib
     from signclip_jax.train import losses, sharding
 
-    source = inference.read_json(init_dir / inference.CONFIG_FILE)
+    source = run_lib.read_json(init_dir / run_lib.CONFIG_FILE)
     source_loss = (source.get("loss") or {}).get("name", "signclip")
     loss_params = losses.init_loss_params(source_loss, source.get("loss") or {})
     abstract = {

@@ -172,9 +172,10 @@ def test_plot_and_atomic_writes(tmp_path):
 
 @pytest.fixture(scope="module")
 def embedder(tiny_workdir):
-    from signclip_jax import run as inference
+    from signclip_jax import run as run_lib
+    from signclip_jax.serving import embedder as embedder_lib
 
-    return inference.Embedder(inference.load_run(tiny_workdir), batch_size=8)
+    return embedder_lib.Embedder(run_lib.load_run(tiny_workdir), batch_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from signclip_jax import run as inference
+from signclip_jax import run as run_lib
 from signclip_jax.data import synthetic
 from signclip_jax.errors import DataError, UserError
 from signclip_jax.interop import convert
 from signclip_jax.interop.torch_twin import TorchSignCLIP
 from signclip_jax.model.signclip import to_state_dict
+from signclip_jax.serving import embedder as embedder_lib
 from tests.helpers import TINY_BERT, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,12 +112,12 @@ def exports(tiny_workdir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tiny_workdir):
-    return inference.load_run(tiny_workdir)
+    return run_lib.load_run(tiny_workdir)
 
 
 @pytest.fixture(scope="module")
 def embedder(run):
-    return inference.Embedder(run, batch_size=8)  # shared: each pose length compiles once
+    return embedder_lib.Embedder(run, batch_size=8)  # shared: each pose length compiles once
 
 
 def test_mmpt_export_is_a_fairseq_dict_with_the_original_keys(exports, run):
@@ -171,7 +172,7 @@ def _assert_same_params(run_a, run_b, *, fp16=False):
 def test_round_trip_back_to_orbax_is_exact(exports, run, tmp_path, name):
     out = tmp_path / "imported"
     assert convert.main(["from-pytorch", f"--input={exports / name}", f"--out={out}"]) == 0
-    back = inference.load_run(out)
+    back = run_lib.load_run(out)
     _assert_same_params(run, back, fp16=name == "fp16.pt")
     assert back.model_config == run.model_config
     assert back.settings.spec == run.settings.spec
@@ -308,7 +309,7 @@ def test_fp16_fairseq_checkpoint_with_position_ids_imports(original_like, tmp_pa
     args = ["from-pytorch", f"--input={path}", f"--out={out}", "--text_model=minilm",
             "--config.data.length_buckets=(64,)"]  # fmt: skip
     assert convert.main(args) == 0
-    run = inference.load_run(out)
+    run = run_lib.load_run(out)
     assert run.model_config.bert.num_attention_heads == 12  # from MiniLM's config
     assert run.model_config.video_layers == 2 and run.model_config.max_frames == 256
     assert run.settings.length_buckets == (64,)
@@ -323,7 +324,7 @@ def test_fp16_fairseq_checkpoint_with_position_ids_imports(original_like, tmp_pa
     source.update({k: v.half().float() for k, v in source.items()})
     twin.load_state_dict(source)
     twin.tokenizer = run.tokenizer
-    embedder = inference.Embedder(run, batch_size=4)
+    embedder = embedder_lib.Embedder(run, batch_size=4)
     rng = np.random.default_rng(0)
     feats = [(rng.normal(size=(t, 609)) * 0.3).astype(np.float32) for t in (64, 40, 3)]
     dp = np.abs(embedder.embed_features(feats) - twin.embed_features(feats)).max()
@@ -396,7 +397,7 @@ def test_projection_heads_need_a_stated_kind(tmp_path):
     with pytest.raises(UserError, match="linear_l2"):
         convert.from_pytorch(path, tmp_path / "o", **TINY)
     convert.from_pytorch(path, tmp_path / "o", overrides=["model.projection=linear_l2"], **TINY)
-    run = inference.load_run(tmp_path / "o")
+    run = run_lib.load_run(tmp_path / "o")
     assert run.model_config.projection == "linear_l2"
     assert run.model_config.bert.num_attention_heads == 2
     np.testing.assert_array_equal(

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import signclip_jax
-from signclip_jax import run as inference
+import signclip_jax.tools
+from signclip_jax import run as run_lib
 from signclip_jax.data import pose as pose_lib
 from signclip_jax.data import text as text_lib
 from signclip_jax.errors import UserError
@@ -45,7 +45,7 @@ def poses(tmp_path_factory) -> Path:
 def reference(tiny_workdir):
     """(sources, texts) -> the towers called directly, every pose padded to max_frames: no
     buckets, no Embedder (jitted only to keep op-by-op compiles out of the test time)."""
-    run = inference.load_run(tiny_workdir)
+    run = run_lib.load_run(tiny_workdir)
     spec = run.settings.spec
     pose_tower = nnx.jit(lambda model, pose, mask: model.embed_pose(pose, mask))
     text_tower = nnx.jit(lambda model, ids, mask: model.embed_text(ids, mask))
@@ -69,7 +69,7 @@ def reference(tiny_workdir):
 def fake_video_module(
     pose_bytes: bytes | None = None, error: str | None = None, env_error: str | None = None
 ):
-    """signclip_jax.video stand-in: returns `pose_bytes`, or raises UserError(error) (a bad
+    """signclip_jax.tools.video stand-in: returns `pose_bytes`, or raises UserError(error) (a bad
     video) or VideoEnvError(env_error) (no video environment)."""
     module = types.ModuleType("signclip_jax.tools.video")
     calls = []
@@ -88,9 +88,9 @@ def fake_video_module(
     module.video_to_pose = video_to_pose
     module.VideoEnvError = VideoEnvError
     with pytest.MonkeyPatch.context() as mp:
-        # Both places `from signclip_jax import video` looks: the package attribute (set
+        # Both places `from signclip_jax.tools import video` looks: the package attribute (set
         # once any test imported the real module) and sys.modules.
-        mp.setattr(signclip_jax, "video", module, raising=False)
+        mp.setattr(signclip_jax.tools, "video", module, raising=False)
         mp.setitem(sys.modules, "signclip_jax.tools.video", module)
         yield calls
 
@@ -155,7 +155,7 @@ def test_read_texts_file(tmp_path):
 
 def test_video_hook(poses):
     with pytest.MonkeyPatch.context() as mp:
-        mp.delattr(signclip_jax, "video", raising=False)
+        mp.delattr(signclip_jax.tools, "video", raising=False)
         mp.setitem(sys.modules, "signclip_jax.tools.video", None)  # module absent: ImportError
         with pytest.raises(UserError, match=r"x\.mp4: video input needs the optional video"):
             embed_lib.video_to_pose_bytes("x.mp4", name="x.mp4")

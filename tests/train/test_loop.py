@@ -341,9 +341,9 @@ def test_finetune_from_a_checkpoint_step_and_config_errors(tmp_path, tiny_workdi
     with pytest.raises(UserError, match="no checkpoints"):
         train_lib.train(config, str(tmp_path / "ft"))
     # A step directory works as init_from too (its workdir supplies config and tokenizer).
-    from signclip_jax import run as inference
+    from signclip_jax import run as run_lib
 
-    run_dir, step_dir = inference.resolve_run_dir(tiny_workdir / "checkpoints" / "2")
+    run_dir, step_dir = run_lib.resolve_run_dir(tiny_workdir / "checkpoints" / "2")
     assert run_dir == tiny_workdir and step_dir.name == "2"
 
 
