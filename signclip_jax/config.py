@@ -170,8 +170,19 @@ def load_config_file(spec: str):
 
 
 def section(config: Any, name: str) -> Any:
-    """`config.NAME` when `config` is a whole config that has that section, else `config`."""
+    """`config.NAME` when `config` is a whole config that has that section, else `config`.
+
+    Library functions that read one section (data, model) accept either, so a caller can pass
+    the whole config when a setting depends on another section (data.pose_dtype "auto")."""
     return getattr(config, name) if hasattr(config, name) else config
+
+
+def get(node: Any, key: str, default: Any = None) -> Any:
+    """`node[key]` of a ConfigDict, dict or plain object; `default` when absent or None."""
+    if node is None:
+        return default
+    value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
+    return default if value is None else value
 
 
 # ------------------------------------------------------------------------ the package's defaults

@@ -44,6 +44,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from signclip_jax import config as config_lib
 from signclip_jax.data import pose as pose_lib
 from signclip_jax.errors import DataError, UserError
 
@@ -94,11 +95,6 @@ class InputSettings:
         return (*sorted({b for b in self.length_buckets if b < top}), top)
 
 
-def _cfg(data, key: str, default: Any) -> Any:
-    value = data.get(key, default) if hasattr(data, "get") else getattr(data, key, default)
-    return default if value is None else value
-
-
 def _augment_kwargs(raw: Any) -> tuple[tuple[str, Any], ...]:
     if not raw:
         return ()
@@ -121,19 +117,19 @@ def settings_from_config(config) -> InputSettings:
 
     data.pose_dtype "auto" (the default) resolves to model.dtype when it is 16-bit, which only
     the whole config tells; given `config.data` alone it is float32."""
-    data = config.data if hasattr(config, "data") else config
-    max_frames = int(_cfg(data, "max_frames", 256))
+    data = config_lib.section(config, "data")
+    max_frames = int(config_lib.get(data, "max_frames", 256))
     if max_frames <= 0:
         raise UserError(f"data.max_frames must be > 0 for batching, got {max_frames}")
     spec = pose_lib.PoseSpec(
-        components=str(_cfg(data, "pose_components", "reduced_face")),
-        include_z=bool(_cfg(data, "include_z", True)),
+        components=str(config_lib.get(data, "pose_components", "reduced_face")),
+        include_z=bool(config_lib.get(data, "include_z", True)),
         max_frames=max_frames,
     )
-    buckets = tuple(_cfg(data, "length_buckets", ()) or ())
+    buckets = tuple(config_lib.get(data, "length_buckets", ()) or ())
     if any(not isinstance(b, int) or b <= 0 for b in buckets):
         raise UserError(f"data.length_buckets must be positive integers, got {buckets}")
-    group = int(_cfg(data, "length_group_batches", 0))
+    group = int(config_lib.get(data, "length_group_batches", 0))
     if group < 0:
         raise UserError(f"data.length_group_batches must be >= 0, got {group}")
     if group > 1 and not buckets:
@@ -141,28 +137,28 @@ def settings_from_config(config) -> InputSettings:
             "data.length_group_batches groups clips of similar length so that "
             "data.length_buckets can pad less; set data.length_buckets too (e.g. (64, 128, 192))"
         )
-    fraction = float(_cfg(data, "max_bad_fraction", 0.01))
+    fraction = float(config_lib.get(data, "max_bad_fraction", 0.01))
     if not 0 <= fraction <= 1:
         raise UserError(f"data.max_bad_fraction must be in [0, 1], got {fraction}")
-    names = _cfg(data, "signed_names", {})
+    names = config_lib.get(data, "signed_names", {})
     return InputSettings(
-        pose_dtype=_pose_dtype(str(_cfg(data, "pose_dtype", "auto")), config),
+        pose_dtype=_pose_dtype(str(config_lib.get(data, "pose_dtype", "auto")), config),
         spec=spec,
-        prompt_template=str(_cfg(data, "prompt_template", "spreadthesign")),
-        text_max_len=int(_cfg(data, "text_max_len", 64)),
+        prompt_template=str(config_lib.get(data, "prompt_template", "spreadthesign")),
+        text_max_len=int(config_lib.get(data, "text_max_len", 64)),
         length_buckets=buckets,
-        augment=_augment_kwargs(_cfg(data, "augment", None)),
+        augment=_augment_kwargs(config_lib.get(data, "augment", None)),
         max_bad_fraction=fraction,
-        bad_check_min=int(_cfg(data, "bad_check_min", 200)),
-        workers=int(_cfg(data, "workers", 0)),
-        read_threads=int(_cfg(data, "read_threads", 4)),
-        prefetch=int(_cfg(data, "prefetch", 64)),
-        worker_buffer=int(_cfg(data, "worker_buffer", 16)),
-        min_shm_bytes=int(_cfg(data, "min_shm_bytes", 4096)),
-        sign_language=str(_cfg(data, "sign_language", "ase")),
-        spoken_language=str(_cfg(data, "spoken_language", "en")),
+        bad_check_min=int(config_lib.get(data, "bad_check_min", 200)),
+        workers=int(config_lib.get(data, "workers", 0)),
+        read_threads=int(config_lib.get(data, "read_threads", 4)),
+        prefetch=int(config_lib.get(data, "prefetch", 64)),
+        worker_buffer=int(config_lib.get(data, "worker_buffer", 16)),
+        min_shm_bytes=int(config_lib.get(data, "min_shm_bytes", 4096)),
+        sign_language=str(config_lib.get(data, "sign_language", "ase")),
+        spoken_language=str(config_lib.get(data, "spoken_language", "en")),
         signed_names=tuple(sorted(dict(names).items())),
-        gloss_style=_gloss_style(str(_cfg(data, "gloss_style", "none"))),
+        gloss_style=_gloss_style(str(config_lib.get(data, "gloss_style", "none"))),
         length_group_batches=group,
     )
 
@@ -174,8 +170,8 @@ def _pose_dtype(name: str, config) -> str:
     """data.pose_dtype -> a POSE_DTYPES name. "auto": model.dtype when it is 16-bit (only
     known when `config` is the whole training config), else float32."""
     if name == "auto":
-        model = _cfg(config, "model", None)
-        dtype = _cfg(model, "dtype", "float32") if model is not None else "float32"
+        model = config_lib.get(config, "model", None)
+        dtype = config_lib.get(model, "dtype", "float32") if model is not None else "float32"
         return dtype if dtype in ("bfloat16", "float16") else "float32"
     if name not in POSE_DTYPES:
         raise UserError(f"data.pose_dtype must be auto or one of {list(POSE_DTYPES)}, got {name!r}")

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from signclip_jax import config as config_lib
 from signclip_jax.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -791,11 +792,6 @@ class SignLanguageDatasetsSource:
 # From a config.
 
 
-def _get(data, key: str, default: Any = None) -> Any:
-    value = data.get(key, default) if hasattr(data, "get") else getattr(data, key, default)
-    return default if value is None else value
-
-
 def make_source(config, *, split: str | None = None, workdir: str | None = None):
     """Source for `config.data` (an ml_collections ConfigDict, or the whole config).
 
@@ -807,42 +803,42 @@ def make_source(config, *, split: str | None = None, workdir: str | None = None)
     `workdir/synthetic_data`, then read as spreadthesign). `split` defaults to
     data.split, else "train".
     """
-    data = config.data if hasattr(config, "data") else config
-    kind = str(_get(data, "source", "spreadthesign")).lower()
-    split = normalize_split(split or _get(data, "split", "train"))
+    data = config_lib.section(config, "data")
+    kind = str(config_lib.get(data, "source", "spreadthesign")).lower()
+    split = normalize_split(split or config_lib.get(data, "split", "train"))
 
     def need(key: str) -> str:
-        value = _get(data, key, "")
+        value = config_lib.get(data, key, "")
         if value in ("", None):
             raise UserError(f"data.source={kind!r} needs data.{key}")
         return str(value)
 
-    languages = _get(data, "languages", ("en",))
+    languages = config_lib.get(data, "languages", ("en",))
     if isinstance(languages, str):
         languages = tuple(x for x in languages.split(",") if x)
     st_kwargs = dict(
         split=split,
-        split_dir=_get(data, "split_dir", "") or None,
-        split_seed=int(_get(data, "split_seed", 3407)),
-        val_fraction=float(_get(data, "val_fraction", 0.001)),
-        test_fraction=float(_get(data, "test_fraction", 0.001)),
+        split_dir=config_lib.get(data, "split_dir", "") or None,
+        split_seed=int(config_lib.get(data, "split_seed", 3407)),
+        val_fraction=float(config_lib.get(data, "val_fraction", 0.001)),
+        test_fraction=float(config_lib.get(data, "test_fraction", 0.001)),
         languages=tuple(languages) or None,
-        drop_missing=bool(_get(data, "drop_missing", False)),
+        drop_missing=bool(config_lib.get(data, "drop_missing", False)),
     )
     if kind == "spreadthesign":
         return SpreadthesignSource(need("csv_path"), need("pose_dir"), **st_kwargs)
     if kind == "synthetic":
-        folder = _get(data, "synthetic_dir", "")
+        folder = config_lib.get(data, "synthetic_dir", "")
         if not folder:
             if not workdir or "://" in str(workdir):
                 raise UserError("data.source='synthetic' needs data.synthetic_dir")
             folder = os.path.join(str(workdir), "synthetic_data")
         csv_path = ensure_synthetic(
             folder,
-            num_signs=int(_get(data, "synthetic_signs", 8)),
-            signers=int(_get(data, "synthetic_signers", 6)),
-            seed=int(_get(data, "synthetic_seed", 0)),
-            sign_languages=tuple(_get(data, "synthetic_sign_languages", ()) or ()) or None,
+            num_signs=int(config_lib.get(data, "synthetic_signs", 8)),
+            signers=int(config_lib.get(data, "synthetic_signers", 6)),
+            seed=int(config_lib.get(data, "synthetic_seed", 0)),
+            sign_languages=tuple(config_lib.get(data, "synthetic_sign_languages", ())) or None,
         )
         return SpreadthesignSource(csv_path, Path(csv_path).parent / "poses", **st_kwargs)
     if kind == "manifest":
@@ -859,15 +855,15 @@ def make_source(config, *, split: str | None = None, workdir: str | None = None)
         return TfdsSource(
             need("tfds_name"),
             split,
-            _get(data, "data_dir", "") or None,
-            pose_header=_get(data, "pose_header", "") or None,
+            config_lib.get(data, "data_dir", "") or None,
+            pose_header=config_lib.get(data, "pose_header", "") or None,
         )
     if kind == "sld":
         return SignLanguageDatasetsSource(
             need("tfds_name"),
             split,
-            _get(data, "data_dir", "") or None,
-            pose_header=_get(data, "pose_header", "") or None,
+            config_lib.get(data, "data_dir", "") or None,
+            pose_header=config_lib.get(data, "pose_header", "") or None,
         )
     raise UserError(
         f"unknown data.source {kind!r}; use spreadthesign, manifest, tfds, sld, packed or synthetic"

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from signclip_jax import config as config_lib
 from signclip_jax.data.text import load_tokenizer
 from signclip_jax.errors import DataError, UserError
 from signclip_jax.model.bert import (
@@ -109,14 +110,6 @@ class SignCLIPConfig:
         return cls(**d)
 
 
-def _get(cfg, key: str, default=None):
-    """cfg[key] for ConfigDict / dict / plain objects; `default` when absent or None."""
-    if cfg is None:
-        return default
-    value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
-    return default if value is None else value
-
-
 def model_config(cfg, *, bert_config: BertConfig | None = None, tokenizer=None) -> SignCLIPConfig:
     """SignCLIPConfig from an ml_collections ConfigDict (or dict).
 
@@ -129,27 +122,28 @@ def model_config(cfg, *, bert_config: BertConfig | None = None, tokenizer=None) 
     if isinstance(cfg, SignCLIPConfig):
         return cfg
     full = cfg
-    model = _get(cfg, "model")
+    model = config_lib.get(cfg, "model")
     if model is not None and hasattr(model, "get"):  # a full training config
         cfg = model
-    data = _get(full, "data") if model is not None else None
-    text_model = str(_get(cfg, "text_model", "bert-base-cased"))
+    data = config_lib.get(full, "data") if model is not None else None
+    text_model = str(config_lib.get(cfg, "text_model", "bert-base-cased"))
 
-    bert_dict = _get(cfg, "bert")  # as written by config_dict() / bert_config_dict()
+    bert_dict = config_lib.get(cfg, "bert")  # as written by config_dict() / bert_config_dict()
     if hasattr(bert_dict, "to_dict"):
         bert_dict = bert_dict.to_dict()
     if bert_config is None:
         bert_config = BertConfig.from_hf(dict(bert_dict) if bert_dict is not None else text_model)
     overrides = {}
-    if _get(cfg, "hidden_dropout") is not None:
-        overrides["hidden_dropout_prob"] = float(_get(cfg, "hidden_dropout"))
-    if _get(cfg, "attention_dropout") is not None:
-        overrides["attention_probs_dropout_prob"] = float(_get(cfg, "attention_dropout"))
+    if config_lib.get(cfg, "hidden_dropout") is not None:
+        overrides["hidden_dropout_prob"] = float(config_lib.get(cfg, "hidden_dropout"))
+    if config_lib.get(cfg, "attention_dropout") is not None:
+        overrides["attention_probs_dropout_prob"] = float(config_lib.get(cfg, "attention_dropout"))
     bert_config = bert_config.replace(**overrides)
 
-    cls_id, sep_id = _get(cfg, "cls_token_id"), _get(cfg, "sep_token_id")
+    cls_id, sep_id = config_lib.get(cfg, "cls_token_id"), config_lib.get(cfg, "sep_token_id")
     if (cls_id is None or sep_id is None) and bert_dict is not None:  # bert_config_dict()
-        cls_id, sep_id = _get(bert_dict, "cls_token_id"), _get(bert_dict, "sep_token_id")
+        cls_id = config_lib.get(bert_dict, "cls_token_id")
+        sep_id = config_lib.get(bert_dict, "sep_token_id")
     if cls_id is None or sep_id is None:
         if tokenizer is None and text_model in PRESET_SPECIAL_IDS:
             cls_id, sep_id = PRESET_SPECIAL_IDS[text_model]
@@ -157,16 +151,16 @@ def model_config(cfg, *, bert_config: BertConfig | None = None, tokenizer=None) 
             tok = tokenizer if tokenizer is not None else load_tokenizer(text_model)
             cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
 
-    max_frames = _get(cfg, "max_frames", _get(data, "max_frames", 256))
+    max_frames = config_lib.get(cfg, "max_frames", config_lib.get(data, "max_frames", 256))
     return SignCLIPConfig(
         bert=bert_config,
-        video_layers=int(_get(cfg, "video_layers", bert_config.num_hidden_layers)),
-        projection=str(_get(cfg, "projection", "none")),
-        pose_dim=int(_get(cfg, "pose_dim", 609)),
+        video_layers=int(config_lib.get(cfg, "video_layers", bert_config.num_hidden_layers)),
+        projection=str(config_lib.get(cfg, "projection", "none")),
+        pose_dim=int(config_lib.get(cfg, "pose_dim", 609)),
         max_frames=int(max_frames),
-        dtype=str(_get(cfg, "dtype", "float32")),
-        remat=bool(_get(cfg, "remat", False)),
-        attention=str(_get(cfg, "attention", "xla")),
+        dtype=str(config_lib.get(cfg, "dtype", "float32")),
+        remat=bool(config_lib.get(cfg, "remat", False)),
+        attention=str(config_lib.get(cfg, "attention", "xla")),
         cls_token_id=int(cls_id),
         sep_token_id=int(sep_id),
         text_model=text_model,
