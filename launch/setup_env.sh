@@ -4,8 +4,9 @@
 #   1. Python 3.11 (--apt-python: apt-get install python3.11 python3.11-venv when missing;
 #      TPU VM images ship Python 3.10, the project needs 3.11+);
 #   2. a venv (--venv, default ~/signclip-venv);
-#   3. torch from the CPU wheel index at requirements.txt's pin (torch only serves tokenizers and
-#      the PyTorch export; a CUDA torch would pull GBs of CUDA libraries next to JAX's own);
+#   3. torch from the CPU wheel index at requirements.txt's pin (training never uses torch: it
+#      serves the PyTorch twin, convert and the demo MiniLM; a CUDA torch would pull GBs of
+#      CUDA libraries next to JAX's own);
 #   4. pip install -r requirements.txt "jax[ACCELERATOR]==VERSION" with VERSION taken from the
 #      jax[cpu] pin in requirements.txt (tpu: libtpu from PyPI; cuda12 / cuda13: the CUDA
 #      plugin with its CUDA libraries from PyPI; cpu: nothing more);

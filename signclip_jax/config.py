@@ -275,4 +275,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1)  # -1: all remaining devices
     c.mesh.axes = ("data", "fsdp")
+
+    # What training evaluates (evaluation/evaluators.py, the classes `evaluate` runs): name ->
+    # type (retrieval | zeroshot | fewshot | probe), split, every_steps (0: eval_every_steps,
+    # < 0: off; every evaluator also runs at the last step), the type's settings. Logged as
+    # metrics.jsonl rows with "split": NAME and checkpoint metrics NAME/KEY (val/loss picks
+    # the best checkpoint).
+    c.evals = ml_collections.ConfigDict()
+    c.evals.val = ml_collections.ConfigDict({"type": "retrieval", "split": "val"})
+    # Zero-shot recognition of the val split's signs, off unless asked for, e.g.
+    # --config.evals.zeroshot.every_steps=0 (then as often as val).
+    c.evals.zeroshot = ml_collections.ConfigDict(
+        {"type": "zeroshot", "split": "val", "every_steps": -1}
+    )
     return c

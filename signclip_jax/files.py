@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 import numpy as np
 from etils import epath
+
+from signclip_jax import extras
 
 # Containers that the video -> pose tool reads (ffmpeg via OpenCV); matched case-insensitively.
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".wmv",
@@ -28,10 +31,19 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
+def _remote(path: str | os.PathLike) -> epath.Path:
+    """epath of a URL; gs:// needs gcsfs (the `gcs` extra) unless TensorFlow, whose own file
+    system etils then uses, is already loaded (the `sld` sources)."""
+    url = os.fspath(path)
+    if url.startswith("gs://") and "tensorflow" not in sys.modules:
+        extras.require("gcsfs", "gcs", f"the gs:// path {url}")
+    return epath.Path(url)
+
+
 def as_path(path: str | os.PathLike) -> epath.Path:
     """epath of a local path (made absolute: Orbax refuses relative ones) or a gs:// URL."""
     if is_remote(path):
-        return epath.Path(path)
+        return _remote(path)
     return epath.Path(os.path.abspath(os.fspath(path)))
 
 
@@ -43,7 +55,7 @@ def is_video(path_or_name: str | os.PathLike) -> bool:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Writes `data` to `path` (local: temporary file + rename; gs://: one whole object)."""
     if is_remote(path):
-        epath.Path(path).write_bytes(data)
+        _remote(path).write_bytes(data)
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

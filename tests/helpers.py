@@ -41,3 +41,46 @@ def write_pose(path: Path, frames: int, seed: int) -> Path:
     header = synthetic.holistic_header(468, world_landmarks=False)
     path.write_bytes(synthetic.pose_bytes(header, data, conf, 25.0))
     return path
+
+
+# A stand-in for the video environment's python: answers signclip_jax/data/video_worker.py's
+# protocol (FAKE_VIDEO_MODE ok | mixed | broken | crash | sleep) without MediaPipe.
+FAKE_VIDEO_WORKER = r"""
+import json, os, shutil, sys, time
+PREFIX = "@@signclip-video "
+worker, args = sys.argv[1], sys.argv[2:]
+flags = [a for a in args if a.startswith("--")]
+pairs = [a for a in args if not a.startswith("--")]
+mode = os.environ["FAKE_VIDEO_MODE"]
+with open(os.environ["FAKE_VIDEO_LOG"], "w") as f:
+    json.dump({"worker": worker, "flags": flags, "pairs": pairs,
+               "pythonpath": os.environ.get("PYTHONPATH")}, f)
+if mode == "sleep":
+    time.sleep(60)
+if mode == "broken":
+    sys.stderr.write("video environment incomplete: ModuleNotFoundError: No module named 'cv2'\n")
+    sys.exit(3)
+if mode == "crash":  # a partial file, then death without a result line
+    with open(pairs[1], "wb") as f:
+        f.write(b"partial")
+    sys.stderr.write("Fatal Python error: Segmentation fault\n")
+    sys.exit(139)
+code = 0
+for src, dst in zip(pairs[::2], pairs[1::2]):
+    if mode == "ok" or (mode == "mixed" and "bad" not in os.path.basename(src)):
+        shutil.copyfile(os.environ["FAKE_VIDEO_POSE"], dst)
+        print(PREFIX + json.dumps({"input": src, "output": dst, "frames": 3, "fps": 25.0,
+              "width": 64, "height": 48, "seconds": 0.1, "frames_per_second": 30.0,
+              "hands": 1.0}))
+    else:
+        print(PREFIX + json.dumps({"input": src, "error": "no frame could be decoded"}))
+        code = 1
+sys.exit(code)
+"""
+
+
+def touch(path: Path, data: bytes = b"not really a video") -> Path:
+    """Writes `data` to `path` (parents made): a stand-in video file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path

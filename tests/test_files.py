@@ -92,3 +92,16 @@ def test_first_n_is_a_bounded_view_that_keeps_skipped_and_components():
     with pytest.raises(IndexError):
         view[3]
     assert len(files.FirstN(Source(), 50)) == 5
+
+
+def test_a_gs_path_without_gcsfs_names_the_extra(monkeypatch):
+    import sys
+
+    from signclip_jax.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    with pytest.raises(UserError, match=r"gs://b/run needs .*gcsfs.*signclip-jax\[gcs\]"):
+        files.as_path("gs://b/run")
+    with pytest.raises(UserError, match=r"signclip-jax\[gcs\]"):
+        files.write_bytes_atomic("gs://b/run/x.json", b"{}")

@@ -231,7 +231,7 @@ def test_install_copies_this_tree(fakes):
     tracked = subprocess.run(
         ["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, check=True
     ).stdout.split()
-    assert {"requirements.txt", "launch/setup_env.sh", "signclip_jax/train.py"} <= names
+    assert {"requirements.txt", "launch/setup_env.sh", "signclip_jax/train/loop.py"} <= names
     assert {t for t in tracked if (ROOT / t).exists()} <= names
     assert not any(
         n.startswith((".git/", ".venv/", ".ci-venv/")) or "__pycache__" in n for n in names

@@ -42,10 +42,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import ml_dtypes
 import numpy as np
+from absl import flags
 
 from signclip_jax import config as config_lib
+from signclip_jax.data import augment as augment_lib
 from signclip_jax.data import pose as pose_lib
+from signclip_jax.data.text import GLOSS_STYLES, encode_text, normalize_gloss, render_prompt
 from signclip_jax.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -99,9 +103,8 @@ def _augment_kwargs(raw: Any) -> tuple[tuple[str, Any], ...]:
     if not raw:
         return ()
     items = dict(raw.items() if hasattr(raw, "items") else raw)
-    from signclip_jax.data.augment import augment
-
-    allowed = [p for p in inspect.signature(augment).parameters if p not in ("arr", "spec", "rng")]
+    params = inspect.signature(augment_lib.augment).parameters
+    allowed = [p for p in params if p not in ("arr", "spec", "rng")]
     unknown = sorted(set(items) - set(allowed))
     if unknown:
         raise UserError(f"unknown data.augment key(s) {unknown}; known: {allowed}")
@@ -182,15 +185,11 @@ def _pose_dtype(name: str, config) -> str:
 def numpy_dtype(name: str) -> np.dtype:
     """A POSE_DTYPES name as a numpy dtype (bfloat16 from ml_dtypes, which jax ships)."""
     if name == "bfloat16":
-        import ml_dtypes
-
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
 
 def _gloss_style(style: str) -> str:
-    from signclip_jax.data.text import GLOSS_STYLES
-
     if style not in GLOSS_STYLES:
         raise UserError(f"data.gloss_style must be one of {GLOSS_STYLES}, got {style!r}")
     return style
@@ -251,9 +250,7 @@ def record_features(
     else:
         arr = record_pose_array(record, spec)
         if rng is not None and augment:
-            from signclip_jax.data.augment import augment as augment_fn
-
-            arr = augment_fn(arr, spec, rng, **dict(augment))
+            arr = augment_lib.augment(arr, spec, rng, **dict(augment))
         feats = pose_lib.to_features(arr, spec)
     if feats.shape[0] == 0:
         raise DataError(f"{record_name(record)}: pose has no frames")
@@ -300,8 +297,6 @@ class _Prepare:
     @functools.cached_property
     def _encode_cache(self):
         # Spreadthesign has ~18k distinct captions for 450k rows: tokenise each prompt once.
-        from signclip_jax.data.text import encode_text
-
         @functools.lru_cache(maxsize=65536)
         def encode(prompt: str) -> tuple[np.ndarray, np.ndarray]:
             return encode_text(self.tokenizer, prompt, max_len=self.settings.text_max_len)
@@ -312,8 +307,6 @@ class _Prepare:
         return self._encode_cache(prompt)
 
     def prompt(self, record: dict[str, Any]) -> str:
-        from signclip_jax.data.text import normalize_gloss, render_prompt
-
         signed = record.get("sign_language") or self.settings.sign_language
         text = record.get("text", "")
         if self.settings.gloss_style != "none" and isinstance(text, str):
@@ -650,8 +643,6 @@ class InputIterator(grain.DatasetIterator):
 
 def _ensure_flags_parsed() -> None:
     # grain's worker processes read absl flags (dependency probe, pitfall 6a).
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -676,8 +667,6 @@ def _finish(
                 num_workers=workers, per_worker_buffer_size=settings.worker_buffer
             )
         )
-    from signclip_jax.data.text import encode_text
-
     ids, mask = encode_text(tokenizer, "", max_len=settings.text_max_len)
     skipper = _SkipBad(
         it, settings, drop=drop, pre_skipped=getattr(source, "skipped", []), what=what,

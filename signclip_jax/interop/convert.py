@@ -23,6 +23,12 @@ else is refused. Architecture comes from the tensor shapes; the number of attent
 not show in any shape, so it comes from the file's own config (our exports), `--num_heads`, or
 the config of `--text_model` (whose tokenizer the checkpoint needs anyway).
 
+Both directions need PyTorch, an optional extra (`pip install 'signclip-jax[torch]'`): it
+is imported where it is used, so `--help` works without it and a missing torch is one line.
+The model and tokenizer are built by signclip_jax/run.py, the one factory: to-pytorch reads a
+run with `run.load_run`; from-pytorch turns the file into a training config (`import_config`)
+that `run.source_from_config` builds, and writes a run directory.
+
 Outputs are written under a temporary name and renamed into place; an existing --out is
 refused unless --force.
 """
@@ -33,17 +39,28 @@ import argparse
 import collections
 import json
 import logging
+import pickle
 import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
+from flax import nnx
 
-from signclip_jax import cli
+from signclip_jax import __version__, cli, extras
+from signclip_jax import checkpoint as ckpt_lib
 from signclip_jax import config as config_lib
+from signclip_jax import run as run_lib
+from signclip_jax.data import text as text_lib
 from signclip_jax.errors import DataError, UserError
+from signclip_jax.model import bert as bert_lib
+from signclip_jax.model import signclip as signclip_model
+from signclip_jax.train import losses
 
 log = logging.getLogger("signclip_jax.convert")
 
@@ -52,6 +69,21 @@ META_KEY = "signclip_jax"  # our extra top-level key in a fairseq dict
 META_FORMAT = "signclip-jax/mmpt"
 FORMATS = ("mmpt", "hf")
 _LAYER = re.compile(r"^(video_encoder\.bert|text_encoder)\.encoder\.layer\.(\d+)\.")
+TO_PYTORCH = "convert to-pytorch"
+FROM_PYTORCH = "convert from-pytorch"
+
+
+def _torch(what: str) -> ModuleType:
+    """torch, an optional extra: MissingExtra (one line naming the pip extra) without it."""
+    return extras.require("torch", "torch", what)
+
+
+def _twin(what: str) -> ModuleType:
+    """signclip_jax.interop.torch_twin (all torch, so imported only once torch is there)."""
+    _torch(what)
+    from signclip_jax.interop import torch_twin
+
+    return torch_twin
 
 
 # ----------------------------------------------------------------------------------- keys
@@ -62,15 +94,11 @@ def mmpt_key_shapes(model_config, *, position_ids: bool = False) -> dict[str, tu
     config, its model section). `position_ids` adds the two [1, max_positions] int64 buffers
     that transformers < 4.31 (the original's training environment) keeps in the state_dict.
     """
-
-    from signclip_jax.model import bert
-    from signclip_jax.model import signclip as signclip_model
-
     mcfg = signclip_model.model_config(model_config)
     abstract = signclip_model.abstract_model(mcfg)
     shapes = {}
-    for path, var in bert.param_items(abstract):
-        key, transpose = bert.hf_key(path)
+    for path, var in bert_lib.param_items(abstract):
+        key, transpose = bert_lib.hf_key(path)
         shape = tuple(int(d) for d in var.shape)
         shapes[PREFIX + key] = shape[::-1] if transpose else shape
     if position_ids:
@@ -86,8 +114,6 @@ def _position_id_keys() -> tuple[str, str]:
 # -------------------------------------------------------------------------------- to-pytorch
 def _export_meta(run, dtype: str, format_tag: str) -> dict[str, Any]:
     """Our settings for the way back: model config, input settings, loss, training config."""
-    from signclip_jax import __version__
-
     settings = run.settings
     return {
         "format": format_tag,
@@ -121,14 +147,10 @@ def _step_meta(step_dir) -> dict[str, Any]:
 
 def mmpt_state_dict(model, *, dtype: str = "fp32", position_ids: bool = False):
     """OrderedDict {"mmmodel.<key>": torch.Tensor} of a JAX SignCLIP (original layouts)."""
-    import torch
-
-    from signclip_jax.interop.torch_twin import torch_dtype
-    from signclip_jax.model.signclip import to_state_dict
-
-    target = torch_dtype(dtype)
+    torch = _torch(TO_PYTORCH)
+    target = _twin(TO_PYTORCH).torch_dtype(dtype)
     out = collections.OrderedDict()
-    for key, value in to_state_dict(model).items():
+    for key, value in signclip_model.to_state_dict(model).items():
         out[PREFIX + key] = torch.from_numpy(np.array(value, order="C")).to(target)  # writable copy
     if position_ids:
         n = model.config.bert.max_position_embeddings
@@ -176,28 +198,23 @@ def export_mmpt(
     run, out: str | Path, *, dtype: str = "fp32", position_ids: bool = False, force: bool = False
 ) -> Path:
     """Writes `fairseq_checkpoint(run)` to `out` with torch.save (atomically)."""
-    import torch
-
-    from signclip_jax.interop.torch_twin import staged_output
-
+    torch, twin = _torch(TO_PYTORCH), _twin(TO_PYTORCH)
     ckpt = fairseq_checkpoint(run, dtype=dtype, position_ids=position_ids)
-    with staged_output(out, force=force) as tmp:
+    with twin.staged_output(out, force=force) as tmp:
         torch.save(ckpt, tmp)
     return Path(out)
 
 
 def export_hf(run, out: str | Path, *, dtype: str = "fp32", force: bool = False) -> Path:
     """Writes a release folder for `TorchSignCLIP.from_pretrained` (atomically)."""
-    from signclip_jax.interop import torch_twin
-    from signclip_jax.model.signclip import to_state_dict
-
+    torch_twin = _twin(TO_PYTORCH)
     meta = _export_meta(run, dtype, torch_twin.HF_FORMAT)
     extra = {k: meta[k] for k in ("loss", "training_config", "source")}
     config = torch_twin.pretrained_config(
         run.model_config.to_dict(), inputs=meta["inputs"], dtype=dtype, extra=extra
     )
     return torch_twin.write_pretrained(
-        out, to_state_dict(run.model), config, tokenizer=run.tokenizer, force=force
+        out, signclip_model.to_state_dict(run.model), config, tokenizer=run.tokenizer, force=force
     )
 
 
@@ -213,13 +230,11 @@ def to_pytorch(
     force: bool = False,
 ) -> Path:
     """Restores a workdir's latest/best checkpoint (or one step dir) and exports it."""
-    from signclip_jax import run as run_lib
-    from signclip_jax.interop.torch_twin import check_output, torch_dtype
-
     if format not in FORMATS:
         raise UserError(f"--format must be one of {FORMATS}, got {format!r}")
-    torch_dtype(dtype)
-    check_output(out, force)  # before the (long) restore
+    twin = _twin(TO_PYTORCH)  # before the (long) restore, as the checks below
+    twin.torch_dtype(dtype)
+    twin.check_output(out, force)
     run = run_lib.load_run(workdir, checkpoint, which=which)
     if format == "mmpt":
         _note_original_settings(run)
@@ -265,10 +280,8 @@ def _note_original_settings(run) -> None:
 def _safe_globals() -> list[Any]:
     """Data-only types fairseq checkpoints hold besides tensors (numpy scalars in metrics and
     val_loss, argparse.Namespace `args` of older fairseq). Nothing here runs code."""
-    import argparse as argparse_lib
-
     core = np._core.multiarray
-    allowed: list[Any] = [np.dtype, np.ndarray, argparse_lib.Namespace]
+    allowed: list[Any] = [np.dtype, np.ndarray, argparse.Namespace]
     for fn in (core.scalar, core._reconstruct):
         allowed += [fn, (fn, f"numpy.core.multiarray.{fn.__name__}")]  # numpy 1.x pickles
     kinds = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
@@ -281,10 +294,7 @@ def load_torch_file(path: str | Path) -> Any:
 
     A pickle that needs other code is a UserError naming the globals it asks for.
     """
-    import pickle
-
-    import torch
-
+    torch = _torch(FROM_PYTORCH)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--input {path} does not exist")
@@ -311,8 +321,7 @@ def load_torch_file(path: str | Path) -> Any:
 
 
 def _to_numpy(value, key: str, source: str) -> np.ndarray:
-    import torch
-
+    torch = _torch(FROM_PYTORCH)
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu()
         if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
@@ -326,8 +335,7 @@ def _to_numpy(value, key: str, source: str) -> np.ndarray:
 def read_source(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
     """A fairseq dict / bare state_dict (.pt) or a release folder -> (bare state_dict as
     numpy without `mmmodel.` prefix or position_ids buffers, our meta or None, kind)."""
-    from signclip_jax.interop import torch_twin
-
+    torch_twin = _twin(FROM_PYTORCH)
     path = Path(path)
     if path.is_dir():
         config = torch_twin.read_pretrained_config(path)
@@ -335,7 +343,7 @@ def read_source(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
         sd = {k: _to_numpy(v, k, str(path)) for k, v in weights.items()}
         return _strip(sd), config, "hf"
     if path.suffix == ".safetensors" and path.is_file():  # a bare state_dict
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # imports torch: an optional extra
 
         try:
             weights = load_file(str(path))
@@ -432,9 +440,7 @@ def _resolve_heads(
     """The BERT config of a checkpoint without our config: shapes from the tensors, the rest
     (heads, eps, activation, dropout) from `text_model`'s config, which must have the same
     sizes (its tokenizer has to fit the vocabulary table too)."""
-    from signclip_jax.model.bert import BertConfig
-
-    ref = BertConfig.from_hf(text_model)
+    ref = bert_lib.BertConfig.from_hf(text_model)
     dims = ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings")
     differ = [f"{d} {arch[d]} vs {getattr(ref, d)}" for d in dims if arch[d] != getattr(ref, d)]
     if differ and num_heads is None:
@@ -456,15 +462,80 @@ def _resolve_heads(
     return bert
 
 
-def _write_workdir(tmp: Path, config, mcfg, params: dict[str, Any], tokenizer, meta: dict) -> None:
-    from signclip_jax import checkpoint as ckpt_lib
+def import_config(
+    arch: Mapping[str, Any],
+    meta: Mapping[str, Any] | None,
+    where: str,
+    *,
+    text_model: str | None = None,
+    num_heads: int | None = None,
+    config_file: str | None = None,
+    overrides: Sequence[str] = (),
+) -> ml_collections.ConfigDict:
+    """The training config of a converted checkpoint's run directory.
 
-    (tmp / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    (tmp / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2, sort_keys=True))
-    bert = {"model_type": "bert", **mcfg.bert.to_dict()}
-    bert.update(cls_token_id=mcfg.cls_token_id, sep_token_id=mcfg.sep_token_id)
-    (tmp / "bert_config.json").write_text(json.dumps(bert, indent=2, sort_keys=True))
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    Starts from `config_file`, else the training config our export carries (`meta`), else the
+    package's recipe. Its model section then describes the checkpoint's network, so that
+    `run.source_from_config` builds exactly that: our export's model config, else the shapes
+    of `arch` (`infer_architecture`) with the rest of the BERT config (heads, eps, activation)
+    from the text model. `overrides` ("model.projection=linear_l2") come last.
+    """
+    if config_file:
+        config = config_lib.load_config_file(config_file)
+    elif meta and isinstance(meta.get("training_config"), Mapping):
+        config = ml_collections.ConfigDict(dict(meta["training_config"]))
+    else:
+        config = config_lib.base_config()
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+    model = config.model
+    if text_model:
+        model.text_model = text_model
+
+    if meta and isinstance(meta.get("model"), Mapping):  # our export: its model config
+        spec = dict(meta["model"])
+        spec.pop("dtype", None), spec.pop("attention", None), spec.pop("remat", None)
+        spec["text_model"] = model.get("text_model") or spec.get("text_model")
+        bert = dict(spec.pop("bert"))
+        if num_heads is not None:
+            bert["num_attention_heads"] = int(num_heads)
+        config.data.max_frames = int(spec.pop("max_frames"))  # model_config reads it there
+        for key, value in spec.items():
+            model[key] = value
+    else:  # the shapes, plus what no shape tells from the text model
+        bert = _resolve_heads(arch, str(model.text_model), num_heads, where)
+        model.video_layers = arch["video_layers"]
+        model.pose_dim = arch["pose_dim"]
+        if arch["projection"] and model.get("projection", "none") == "none":
+            if not any(o.startswith("model.projection=") for o in overrides):
+                raise UserError(
+                    f"{where} has projection heads (video_projection/text_projection); the "
+                    "weights do not say whether they were L2-normalised: give "
+                    "--config.model.projection=linear or =linear_l2"
+                )
+        if not arch["projection"]:
+            model.projection = "none"
+    model.bert = bert
+    model.pretrained = False  # the weights come from checkpoints/0
+    config.init_from = ""
+    return config_lib.apply_overrides(config, overrides, new_keys=False)
+
+
+def _loss_params(config, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The learnable loss scalars: our export's when it used config's loss, else fresh."""
+    loss_name = str(config.loss.name)
+    loss_params = losses.init_loss_params(loss_name, config.loss)
+    saved = (meta or {}).get("loss") or {}
+    if saved.get("name") == loss_name:
+        for key, value in (saved.get("params") or {}).items():
+            if key in loss_params:
+                loss_params[key] = jax.numpy.float32(value)
+    return loss_params
+
+
+def _write_run(tmp: Path, config, mcfg, params: dict[str, Any], tokenizer, meta: dict) -> None:
+    """The run directory training would write, with `params` as checkpoints/0."""
+    run_lib.save_config(tmp, config)
+    run_lib.save_model_files(tmp, mcfg, tokenizer)
     ckpt = ckpt_lib.Checkpointer(tmp, keep=1, keep_best=0, async_save=False)
     try:
         ckpt.save(0, params=params, train_state={"step": np.int32(0)}, meta=meta, force=True)
@@ -482,99 +553,50 @@ def from_pytorch(
     overrides: Sequence[str] = (),
     force: bool = False,
 ) -> Path:
-    """An original SignCLIP checkpoint, a state_dict or a release folder -> a workdir.
+    """An original SignCLIP checkpoint, a state_dict or a release folder -> a run directory.
 
-    The workdir (config.json, model_config.json, bert_config.json, tokenizer/,
+    The run directory (config.json, model_config.json, bert_config.json, tokenizer/,
     checkpoints/0/ with params {"model", "loss"}) restores with `run_lib.load_run(out)` and
     initialises training with `--config.init_from=OUT`.
     """
-    import jax
-    import ml_collections
-    from flax import nnx
-
-    from signclip_jax.data import text as text_lib
-    from signclip_jax.interop.torch_twin import check_output, check_state_dict, staged_output
-    from signclip_jax.model import signclip as signclip_model
-    from signclip_jax.train import losses
-
-    check_output(out, force)
+    twin = _twin(FROM_PYTORCH)
+    twin.check_output(out, force)
     sd, meta, kind = read_source(input)
     arch = infer_architecture(sd)
     where = f"{input} ({kind})"
-
-    # Training config: --config, else the one our export carries, else the original recipe.
-    if config_file:
-        config = config_lib.load_config_file(config_file)
-    elif meta and isinstance(meta.get("training_config"), Mapping):
-        config = ml_collections.ConfigDict(dict(meta["training_config"]))
-    else:
-        config = config_lib.base_config()
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
-    model = config.model
-    if text_model:
-        model.text_model = text_model
-
-    # Model fields: from our export's config, else from the shapes + the text model.
-    if meta and isinstance(meta.get("model"), Mapping):
-        spec = dict(meta["model"])
-        spec.pop("dtype", None), spec.pop("attention", None), spec.pop("remat", None)
-        spec["text_model"] = model.get("text_model") or spec.get("text_model")
-        bert = dict(spec.pop("bert"))
-        if num_heads is not None:
-            bert["num_attention_heads"] = int(num_heads)
-        config.data.max_frames = int(spec.pop("max_frames"))  # model_config reads it there
-        for key, value in spec.items():
-            model[key] = value
-    else:
-        bert = _resolve_heads(arch, str(model.text_model), num_heads, where)
-        model.video_layers = arch["video_layers"]
-        model.pose_dim = arch["pose_dim"]
-        if arch["projection"] and model.get("projection", "none") == "none":
-            if not any(o.startswith("model.projection=") for o in overrides):
-                raise UserError(
-                    f"{where} has projection heads (video_projection/text_projection); the "
-                    "weights do not say whether they were L2-normalised: give "
-                    "--config.model.projection=linear or =linear_l2"
-                )
-        if not arch["projection"]:
-            model.projection = "none"
-    model.bert = bert
-    model.pretrained = False  # the weights come from checkpoints/0
-    config.init_from = ""
-    config = config_lib.apply_overrides(config, overrides, new_keys=False)
+    config = import_config(
+        arch,
+        meta,
+        where,
+        text_model=text_model,
+        num_heads=num_heads,
+        config_file=config_file,
+        overrides=overrides,
+    )
 
     # Tokenizer: the release folder's own, else the text model's (offline-safe loader).
+    text_model = str(config.model.text_model)
     if kind == "hf":
         tokenizer = text_lib.load_tokenizer(str(Path(input)))
     else:
-        tokenizer = text_lib.load_tokenizer(text_lib.resolve_text_model(str(model.text_model)))
+        tokenizer = text_lib.load_tokenizer(text_lib.resolve_text_model(text_model))
     if len(tokenizer) > arch["vocab_size"]:
         raise UserError(
-            f"the tokenizer of {model.text_model!r} has {len(tokenizer)} tokens but the "
+            f"the tokenizer of {text_model!r} has {len(tokenizer)} tokens but the "
             f"checkpoint's vocabulary table {arch['vocab_size']} rows: give --text_model=<the "
             "BERT the checkpoint was trained from>"
         )
-    for name in ("cls_token_id", "sep_token_id"):
-        if model.get(name) is None:
-            model[name] = int(getattr(tokenizer, name))
-    mcfg = signclip_model.model_config(config, tokenizer=tokenizer)
+    mcfg = run_lib.source_from_config(config, tokenizer=tokenizer).model_config
 
     # Strict: every tensor of this architecture with its shape (PyTorch layout), no extras.
     expected = {k[len(PREFIX) :]: v for k, v in mmpt_key_shapes(mcfg).items()}
-    check_state_dict(expected, sd, source=f"{where} (keys without the {PREFIX} prefix)")
+    twin.check_state_dict(expected, sd, source=f"{where} (keys without the {PREFIX} prefix)")
     abstract = signclip_model.abstract_model(mcfg)
     report = signclip_model.from_state_dict(abstract, sd, source=where)
-    loss_name = str(config.loss.name)
-    loss_params = losses.init_loss_params(loss_name, config.loss)
-    saved = (meta or {}).get("loss") or {}
-    if saved.get("name") == loss_name:
-        for key, value in (saved.get("params") or {}).items():
-            if key in loss_params:
-                loss_params[key] = jax.numpy.float32(value)
-    params = {"model": nnx.state(abstract, nnx.Param), "loss": loss_params}
+    params = {"model": nnx.state(abstract, nnx.Param), "loss": _loss_params(config, meta)}
     step_meta = {"converted_from": str(input), "source_format": kind, "tensors": len(report.loaded)}
-    with staged_output(out, force=force, directory=True) as tmp:
-        _write_workdir(tmp, config, mcfg, params, tokenizer, step_meta)
+    with twin.staged_output(out, force=force, directory=True) as tmp:
+        _write_run(tmp, config, mcfg, params, tokenizer, step_meta)
     return Path(out)
 
 
@@ -650,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr
     )
     log.setLevel(logging.INFO)
-    # Cheap checks first: they need neither torch nor JAX.
+    # Cheap checks first: they need no torch (an optional extra) and no checkpoint read.
     if Path(args.out).exists() and not args.force:
         raise UserError(f"{args.out} already exists; pass --force to replace it")
     if args.command == "from-pytorch" and not Path(args.input).exists():
@@ -679,4 +701,3 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote workdir {out} (checkpoints/0)")
     return 0
-

@@ -28,8 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from signclip_jax import __version__
+from signclip_jax.data.pose import PoseSpec, load_features
+from signclip_jax.data.text import encode_texts
 from signclip_jax.errors import DataError, UserError
 
 # The release folder format (config.json "format" / "format_version").
@@ -239,8 +243,6 @@ class TorchSignCLIP(nn.Module):
     def embed_texts(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         """Strings used as given (write the prompt yourself, e.g. "<en> <ase> house")
         -> [N, H] float32, tokenised as in training (`inputs["text_max_len"]`)."""
-        from signclip_jax.data.text import encode_texts
-
         if self.tokenizer is None:
             raise UserError("this twin has no tokenizer (load it with from_pretrained(DIR))")
         texts = [str(t) for t in texts]
@@ -288,8 +290,6 @@ class TorchSignCLIP(nn.Module):
         self, sources: Sequence[str | os.PathLike | bytes], *, batch_size: int = 16
     ) -> np.ndarray:
         """`.pose` paths or bytes -> [N, H] float32 (features as in training: `inputs`)."""
-        from signclip_jax.data.pose import PoseSpec, load_features
-
         spec = PoseSpec(
             components=str(self.inputs["pose_components"]),
             include_z=bool(self.inputs["include_z"]),
@@ -301,7 +301,7 @@ class TorchSignCLIP(nn.Module):
 # ------------------------------------------------------------------------------ JAX <-> torch
 def jax_to_torch_state_dict(model) -> dict[str, torch.Tensor]:
     """A JAX SignCLIP's parameters as an original-layout PyTorch state_dict (fp32 tensors)."""
-    from signclip_jax.model.signclip import to_state_dict
+    from signclip_jax.model.signclip import to_state_dict  # JAX: the twin runs without it
 
     return {k: torch.from_numpy(np.array(v)) for k, v in to_state_dict(model).items()}
 
@@ -311,7 +311,7 @@ def load_torch_state_dict(
 ):
     """Copies an original-layout state_dict (torch tensors or arrays; `mmmodel.` prefix and
     position_ids buffers tolerated) into a JAX SignCLIP, strictly. Returns the LoadReport."""
-    from signclip_jax.model.signclip import from_state_dict
+    from signclip_jax.model.signclip import from_state_dict  # JAX: the twin runs without it
 
     def to_np(v):
         if isinstance(v, torch.Tensor):
@@ -360,8 +360,6 @@ def pretrained_config(
     """config.json of a release folder: format tag and version, the model config (with its
     BERT config), the input settings, the weights' dtype, plus `extra` (loss, training config,
     source...)."""
-    from signclip_jax import __version__
-
     return {
         "format": HF_FORMAT,
         "format_version": HF_FORMAT_VERSION,
@@ -458,8 +456,6 @@ def write_pretrained(
 ) -> Path:
     """Writes a release folder: model.safetensors (tensors as given: torch or numpy, in the
     dtype of config["torch_dtype"]), config.json, tokenizer files. Atomic (staged_output)."""
-    from safetensors.torch import save_file
-
     dtype = torch_dtype(config.get("torch_dtype", "float32"))
     tensors = {}
     for key, value in state_dict.items():
@@ -498,8 +494,6 @@ def read_pretrained_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_pretrained_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """model.safetensors of a release folder as torch tensors (dtype as stored)."""
-    from safetensors.torch import load_file
-
     file = Path(path) / HF_WEIGHTS
     if not file.is_file():
         raise UserError(f"{path} has no {HF_WEIGHTS}")

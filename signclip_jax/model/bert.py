@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
 
+from signclip_jax import extras
 from signclip_jax.data.text import hub_cached, hub_file, is_local, resolve_text_model
 from signclip_jax.errors import DataError, UserError
 
@@ -682,18 +684,16 @@ def _to_numpy(t) -> np.ndarray:
 
 
 def _torch():
-    import torch
-
-    return torch
+    # Only for PyTorch-format weights (a .bin, or bf16 safetensors), not needed otherwise.
+    return extras.require("torch", "torch", "reading PyTorch-format BERT weights")
 
 
 def _read_safetensors(file: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
     try:
         with safe_open(file, framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (TypeError, ValueError):  # bf16 files: numpy cannot hold them
+        _torch()
         with safe_open(file, framework="pt") as f:
             return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
 

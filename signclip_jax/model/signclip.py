@@ -98,73 +98,119 @@ class SignCLIPConfig:
     def hidden_size(self) -> int:
         return self.bert.hidden_size
 
+    def with_compute(
+        self,
+        *,
+        dtype: str | None = None,
+        remat: bool | None = None,
+        attention: str | None = None,
+        hidden_dropout: float | None = None,
+        attention_dropout: float | None = None,
+    ) -> SignCLIPConfig:
+        """This architecture with other compute settings (None keeps the current one).
+
+        What a restored or fine-tuned model may change without touching its parameters: the
+        compute dtype, rematerialisation, the attention kernel and the BERT dropout rates.
+        """
+        bert = {
+            "hidden_dropout_prob": hidden_dropout,
+            "attention_probs_dropout_prob": attention_dropout,
+        }
+        bert = {k: float(v) for k, v in bert.items() if v is not None}
+        changes = {"dtype": dtype, "remat": remat, "attention": attention}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if bert:
+            changes["bert"] = self.bert.replace(**bert)
+        return dataclasses.replace(self, **changes) if changes else self
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["bert"] = self.bert.to_dict()
         return d
 
+    def bert_config_dict(self) -> dict[str, Any]:
+        """The text BERT's config (HF config.json field names) plus the [CLS]/[SEP] ids the
+        video tower embeds (a run's bert_config.json); `BertConfig.from_hf(d)` reads it back."""
+        return {
+            "model_type": "bert",
+            **self.bert.to_dict(),
+            "cls_token_id": self.cls_token_id,
+            "sep_token_id": self.sep_token_id,
+        }
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SignCLIPConfig:
+        """Strict inverse of `to_dict` (an unknown field is a TypeError)."""
         d = dict(d)
         d["bert"] = BertConfig.from_hf(d["bert"])
         return cls(**d)
 
 
 def model_config(cfg, *, bert_config: BertConfig | None = None, tokenizer=None) -> SignCLIPConfig:
-    """SignCLIPConfig from an ml_collections ConfigDict (or dict).
+    """SignCLIPConfig of a training config's `model` section: the one parser of that section.
 
-    `cfg` is the model section (keys text_model, video_layers, projection, pose_dim,
-    max_frames, dtype, remat, attention, optional hidden_dropout / attention_dropout,
-    cls_token_id / sep_token_id, bert) or a full training config, whose `model` section is used
-    and whose `data.max_frames` fills a missing `max_frames`. A `bert` dict (as written by
-    `SignCLIPConfig.to_dict`) avoids reading the text model's config.json.
+    `cfg` is one of
+      - a SignCLIPConfig: returned as is;
+      - a whole training config (ConfigDict or dict with a `model` section): that section, with
+        `data.max_frames` filling a missing `model.max_frames`;
+      - a model section (or plain dict): keys text_model, video_layers, projection, pose_dim,
+        max_frames, dtype, remat, attention, optional hidden_dropout / attention_dropout,
+        cls_token_id / sep_token_id, bert. `SignCLIPConfig.to_dict()` output is one.
+    The BERT: `bert_config`, else the section's `bert` dict (HF config.json field names, as
+    `to_dict` / `bert_config_dict` write it: no hub access), else text_model's config.json.
+    [CLS]/[SEP] ids: the section's, else the `bert` dict's, else the preset's (bert-base-*),
+    else those of `tokenizer` (default: text_model's). Building a model for a run, a step or
+    a converted checkpoint goes through signclip_jax/run.py, which calls this.
     """
     if isinstance(cfg, SignCLIPConfig):
         return cfg
-    full = cfg
-    model = config_lib.get(cfg, "model")
-    if model is not None and hasattr(model, "get"):  # a full training config
-        cfg = model
-    data = config_lib.get(full, "data") if model is not None else None
-    text_model = str(config_lib.get(cfg, "text_model", "bert-base-cased"))
-
-    bert_dict = config_lib.get(cfg, "bert")  # as written by config_dict() / bert_config_dict()
+    section, data = _model_section(cfg)
+    get = lambda key, default=None: config_lib.get(section, key, default)
+    text_model = str(get("text_model", "bert-base-cased"))
+    bert_dict = get("bert")
     if hasattr(bert_dict, "to_dict"):
         bert_dict = bert_dict.to_dict()
     if bert_config is None:
         bert_config = BertConfig.from_hf(dict(bert_dict) if bert_dict is not None else text_model)
-    overrides = {}
-    if config_lib.get(cfg, "hidden_dropout") is not None:
-        overrides["hidden_dropout_prob"] = float(config_lib.get(cfg, "hidden_dropout"))
-    if config_lib.get(cfg, "attention_dropout") is not None:
-        overrides["attention_probs_dropout_prob"] = float(config_lib.get(cfg, "attention_dropout"))
-    bert_config = bert_config.replace(**overrides)
-
-    cls_id, sep_id = config_lib.get(cfg, "cls_token_id"), config_lib.get(cfg, "sep_token_id")
-    if (cls_id is None or sep_id is None) and bert_dict is not None:  # bert_config_dict()
-        cls_id = config_lib.get(bert_dict, "cls_token_id")
-        sep_id = config_lib.get(bert_dict, "sep_token_id")
-    if cls_id is None or sep_id is None:
-        if tokenizer is None and text_model in PRESET_SPECIAL_IDS:
-            cls_id, sep_id = PRESET_SPECIAL_IDS[text_model]
-        else:
-            tok = tokenizer if tokenizer is not None else load_tokenizer(text_model)
-            cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
-
-    max_frames = config_lib.get(cfg, "max_frames", config_lib.get(data, "max_frames", 256))
-    return SignCLIPConfig(
+    cls_id, sep_id = _special_ids(section, bert_dict, text_model, tokenizer)
+    max_frames = get("max_frames", config_lib.get(data, "max_frames", 256))
+    mcfg = SignCLIPConfig(
         bert=bert_config,
-        video_layers=int(config_lib.get(cfg, "video_layers", bert_config.num_hidden_layers)),
-        projection=str(config_lib.get(cfg, "projection", "none")),
-        pose_dim=int(config_lib.get(cfg, "pose_dim", 609)),
+        video_layers=int(get("video_layers", bert_config.num_hidden_layers)),
+        projection=str(get("projection", "none")),
+        pose_dim=int(get("pose_dim", 609)),
         max_frames=int(max_frames),
-        dtype=str(config_lib.get(cfg, "dtype", "float32")),
-        remat=bool(config_lib.get(cfg, "remat", False)),
-        attention=str(config_lib.get(cfg, "attention", "xla")),
+        dtype=str(get("dtype", "float32")),
+        remat=bool(get("remat", False)),
+        attention=str(get("attention", "xla")),
         cls_token_id=int(cls_id),
         sep_token_id=int(sep_id),
         text_model=text_model,
     )
+    return mcfg.with_compute(
+        hidden_dropout=get("hidden_dropout"), attention_dropout=get("attention_dropout")
+    )
+
+
+def _model_section(cfg) -> tuple[Any, Any]:
+    """(model section, data section or None) of a whole training config or of a section."""
+    model = config_lib.get(cfg, "model")
+    if model is not None and hasattr(model, "get"):  # a whole training config
+        return model, config_lib.get(cfg, "data")
+    return cfg, None
+
+
+def _special_ids(section, bert_dict, text_model: str, tokenizer) -> tuple[int, int]:
+    """[CLS]/[SEP] ids: the section's, the bert dict's, the preset's or the tokenizer's."""
+    ids = config_lib.get(section, "cls_token_id"), config_lib.get(section, "sep_token_id")
+    if None in ids and bert_dict is not None:  # bert_config_dict() carries them
+        ids = config_lib.get(bert_dict, "cls_token_id"), config_lib.get(bert_dict, "sep_token_id")
+    if None not in ids:
+        return ids
+    if tokenizer is None and text_model in PRESET_SPECIAL_IDS:
+        return PRESET_SPECIAL_IDS[text_model]
+    tok = tokenizer if tokenizer is not None else load_tokenizer(text_model)
+    return tok.cls_token_id, tok.sep_token_id
 
 
 def _attention_impl(name: str, dtype) -> str | None:
@@ -277,14 +323,8 @@ class SignCLIP(nnx.Module):
         return self.config.to_dict()
 
     def bert_config_dict(self) -> dict[str, Any]:
-        """The text BERT's config (HF config.json field names) plus the [CLS]/[SEP] ids the
-        video tower embeds; `BertConfig.from_hf(d)` reads it back."""
-        return {
-            "model_type": "bert",
-            **self.config.bert.to_dict(),
-            "cls_token_id": self.config.cls_token_id,
-            "sep_token_id": self.config.sep_token_id,
-        }
+        """The text BERT's config plus the [CLS]/[SEP] ids (`SignCLIPConfig.bert_config_dict`)."""
+        return self.config.bert_config_dict()
 
     def _project(self, pooled: jax.Array, head: Projection | None) -> jax.Array:
         if head is None:

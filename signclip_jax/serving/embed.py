@@ -33,38 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from signclip_jax import cli, files
 from signclip_jax.errors import UserError
+from signclip_jax.serving.video_input import video_to_pose_bytes
 
 POSE_SUFFIX = ".pose"
-VIDEO_HELP = "video input needs the optional video environment; see README"
 EXIT_SOME_FAILED = 1
 
 
 # ---------------------------------------------------------------------------------- inputs
-class VideoUnavailable(UserError):
-    """Video input without the optional video environment (as opposed to a bad video)."""
-
-
-def video_to_pose_bytes(source: str | os.PathLike | bytes, *, name: str) -> bytes:
-    """A video (path or bytes) -> bytes of a .pose file, via the optional video module.
-
-    VideoUnavailable naming `name` when the video environment is not installed; a video that
-    cannot be converted is the video module's own UserError (it names the video).
-    """
-    try:
-        from signclip_jax.tools import video  # optional: mediapipe & co. live in their own env
-    except ImportError:
-        raise VideoUnavailable(f"{name}: {VIDEO_HELP}") from None
-    source = os.fspath(source) if isinstance(source, os.PathLike) else source
-    try:
-        out = video.video_to_pose(source, name=name)
-    except video.VideoEnvError as e:
-        raise VideoUnavailable(f"{name}: {VIDEO_HELP} ({e})") from None
-    return bytes(out)
-
-
 def expand_poses(specs: Sequence[str]) -> list[str]:
     """--poses arguments -> files, in the order given.
 
@@ -240,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pose_files and not texts:
         raise UserError("nothing to embed: give --poses and/or --texts / --texts_file")
 
-    # Heavy imports only now: --help and usage errors stay instant.
-    from tqdm import tqdm
-
+    # JAX only now (run and the embedder import it): --help and usage errors stay instant.
     from signclip_jax import run as run_lib
     from signclip_jax.serving import embedder as embedder_lib
 
@@ -293,11 +270,4 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_SOME_FAILED if failed else 0
 
 
-__all__ = [
-    "VideoUnavailable",
-    "embed_files",
-    "expand_poses",
-    "main",
-    "read_texts_file",
-    "video_to_pose_bytes",
-]
+__all__ = ["embed_files", "expand_poses", "main", "read_texts_file"]

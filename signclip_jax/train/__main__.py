@@ -1,6 +1,13 @@
-"""`python -m signclip_jax.train --config=CONFIG.py[:arg] --workdir=DIR [--config.KEY=VALUE ...]`.
+"""Trains SignCLIP (or resumes the run in DIR):
 
-The command line only: absl flags, then signclip_jax/train/loop.py's `train`.
+  python -m signclip_jax.train --config=CONFIG.py[:arg] --workdir=DIR [--config.KEY=VALUE ...]
+
+Writes DIR/config.json, DIR/metrics.jsonl (one JSON object per line), checkpoints and what
+later commands need (evaluate, embed, serve, convert). What it evaluates while it trains is
+config.evals (validation by default; e.g. --config.evals.zeroshot.every_steps=0 adds zero-shot
+recognition).
+
+This module is the command line only (absl flags); the trainer is signclip_jax/train/loop.py.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from signclip_jax import cli
 from signclip_jax.errors import UserError
 from signclip_jax.train import loop
 
@@ -27,8 +35,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 def main(argv: list[str]) -> None:
     del argv
     if _CONFIG.value is None or not _WORKDIR.value:
-        print("error: --config=CONFIG.py and --workdir=DIR are required", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("--config=CONFIG.py and --workdir=DIR are required")
     try:
         loop.train(
             _CONFIG.value,
@@ -38,8 +45,7 @@ def main(argv: list[str]) -> None:
             process_id=_PROCESS_ID.value,
         )
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
 
 
 def run() -> None:

@@ -1,23 +1,42 @@
 r"""Trains SignCLIP: `python -m signclip_jax.train --config=configs/demo.py --workdir=DIR`.
 
-Read top to bottom: set up -> mesh -> data -> model and optimiser -> shard -> train step ->
-restore -> loop (log, validate, checkpoint). Resumes automatically from DIR.
+Read top to bottom, one banner per part: set up -> mesh -> model source -> data -> model and
+optimiser -> shard and step -> restore -> evaluators -> the loop (log, evaluate, checkpoint).
+The update itself (GradCache, the loss in shard_map, the optimiser) is train/step.py. The
+evaluation runs the evaluators of `config.evals` (evaluation/evaluators.py: the classes
+`python -m signclip_jax.evaluate` runs, so both give the same numbers), fed by this run's
+sharded embedding functions (`_embeddings`, at the end of this file). Resumes automatically
+from DIR; the result does not depend on where it stopped, nor on the device or process count.
 
-Writes into DIR: config.json (resolved config), bert_config.json and tokenizer/ (what later
-commands need to rebuild the model offline), metrics.jsonl (one JSON object per line),
-TensorBoard events under tb/, checkpoints/STEP/ (Orbax).
+Writes into DIR: config.json (resolved config), model_config.json, bert_config.json and
+tokenizer/ (what later commands need to rebuild the model offline), metrics.jsonl (one JSON
+object per line: "split" train, or an evaluator's name such as val), TensorBoard events
+under tb/, checkpoints/STEP/ (Orbax).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
+import jax
+import numpy as np
 from absl import logging as absl_logging
+from flax import nnx
+from jax.experimental import multihost_utils
 
-from signclip_jax import files
+from signclip_jax import checkpoint as ckpt_lib
+from signclip_jax import run as run_lib
+from signclip_jax.data import pipeline, sources, text
+from signclip_jax.errors import UserError
+from signclip_jax.evaluation import evaluators, retrieval
+from signclip_jax.model import signclip as signclip_model
+from signclip_jax.train import distributed, preemption, sharding
+from signclip_jax.train import step as train_step_lib
+from signclip_jax.train.monitor import MetricWriter, Progress, enable_compilation_cache
 
 log = logging.getLogger("signclip_jax.train")
 
@@ -36,46 +55,17 @@ def train(
     environment does not give it (train/distributed.py).
     """
     # Before anything touches a JAX backend: multi-process set-up when the environment says so.
-    from signclip_jax.train import distributed
-
     distributed.initialize(coordinator, num_processes, process_id)
-
-    import contextlib
-
-    import jax
-
-    from signclip_jax import checkpoint as ckpt_lib
-
     # Process 0 owns the workdir; the other hosts of a multi-process run share it.
-    lock = ckpt_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    lock = preemption.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         return _train(config, workdir)
 
 
 def _train(config, workdir: str) -> dict[str, Any]:
-    import jax
-    from etils import epath
-    from flax import nnx
-
-    from signclip_jax import checkpoint as ckpt_lib
-    from signclip_jax import run as run_lib
-    from signclip_jax.data import pipeline, sources, text
-    from signclip_jax.errors import UserError
-    from signclip_jax.model import signclip as signclip_model
-    from signclip_jax.train import sharding
-    from signclip_jax.train import step as train_step_lib
-    from signclip_jax.train.monitor import (
-        MetricWriter,
-        Progress,
-        enable_compilation_cache,
-        model_inputs,
-        validate,
-    )
-
+    #### Set up: random keys that shard, the compilation cache, the workdir, resolved config.
     jax.config.update("jax_threefry_partitionable", True)
     enable_compilation_cache(config.get("compilation_cache_dir"))
-
-    #### Set up: workdir, resolved config.
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     log.setLevel(logging.INFO)
     workdir = str(workdir)
@@ -84,8 +74,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
     if is_main:
         if local_workdir:
             os.makedirs(workdir, exist_ok=True)
-        config_json = json.loads(config.to_json_best_effort())
-        files.write_json_atomic(epath.Path(workdir) / "config.json", config_json, sort_keys=True)
+        run_lib.save_config(workdir, config)
 
     #### Mesh: the batch shards over the data and FSDP axes (never over a model axis).
     mesh = sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
@@ -99,16 +88,12 @@ def _train(config, workdir: str) -> dict[str, Any]:
         )
     local_batch = config.batch_size // n_procs
 
-    #### Fine-tuning: the architecture and tokenizer come from the run named by init_from.
-    init_dir = init_step_dir = None
-    if config.init_from:
-        init_dir, init_step_dir = run_lib.resolve_run_dir(config.init_from)
+    #### Model source (run.py, the one factory): a fresh model from config.model, or the
+    # architecture, tokenizer and weights of the run named by init_from (fine-tuning).
+    model_source = run_lib.source_from_config(config)
 
     #### Data.
-    if init_dir is not None:
-        tokenizer = run_lib.load_tokenizer_for(init_dir, config)
-    else:
-        tokenizer = text.load_tokenizer(text.resolve_text_model(config.model.text_model))
+    tokenizer = model_source.tokenizer
     train_source = sources.make_source(config.data, split="train", workdir=workdir)
     val_source = sources.make_source(config.data, split="val", workdir=workdir)
     steps_per_epoch = max(len(train_source) // config.batch_size, 1)  # drop_remainder batches
@@ -131,23 +116,15 @@ def _train(config, workdir: str) -> dict[str, Any]:
     )
 
     #### Model and optimiser.
-    if init_dir is not None:
-        mcfg = _finetune_model_config(config, init_dir)
-    else:
-        mcfg = signclip_model.model_config(config, tokenizer=tokenizer)
+    mcfg = model_source.model_config
     model = signclip_model.SignCLIP(mcfg, rngs=nnx.Rngs(config.seed, dropout=config.seed + 1))
     if is_main:
-        run_dir = epath.Path(workdir)
-        for name, obj in (("model_config.json", model.config_dict()),
-                          ("bert_config.json", model.bert_config_dict())):  # fmt: skip
-            files.write_json_atomic(run_dir / name, obj, sort_keys=True)
-        run_lib.save_tokenizer(tokenizer, run_dir)
+        run_lib.save_model_files(workdir, mcfg, tokenizer)
 
     #### Shard and step: parameters and optimiser state by the rules in sharding.py, one
-    # jitted update (train_step.py).
+    # jitted update and the eval-mode forwards (train/step.py).
     fns = train_step_lib.make_train_step(config, model, mesh, batch_axes, total_steps)
-    state, param_sharding = fns.state, fns.param_sharding
-    train_step, embed_eval = fns.step, fns.embed
+    state, param_sharding, train_step = fns.state, fns.param_sharding, fns.step
 
     #### Restore: resume from the workdir, else init_from, else the pretrained BERT.
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -165,9 +142,9 @@ def _train(config, workdir: str) -> dict[str, Any]:
         log.info("resumed from step %d", start)
     else:
         start = 0
-        if init_step_dir is not None:
-            state["params"] = _restore_init(init_dir, init_step_dir, state["params"], config, mesh)
-            log.info("initialised from %s", init_step_dir)
+        if model_source.step_dir is not None:
+            state["params"] = run_lib.init_params_from(model_source, state["params"], config, mesh)
+            log.info("initialised from %s", model_source.step_dir)
         elif config.model.pretrained:
             text_model = text.resolve_text_model(config.model.text_model)
             report = signclip_model.init_from_pretrained(model, text_model)
@@ -175,16 +152,23 @@ def _train(config, workdir: str) -> dict[str, Any]:
             pretrained = nnx.state(model, nnx.Param)
             state["params"]["model"] = jax.device_put(pretrained, param_sharding["model"])
 
-    #### Train loop: log, validate, checkpoint; SIGTERM/SIGINT -> save and exit.
+    #### Evaluators: config.evals (default: `val`, the validation loss and retrieval on the
+    # val split), each with its cadence. They embed through `_embeddings` (below).
+    evals = evaluators.from_config(config, tokenizer=tokenizer)
+    eval_sources = {"val": val_source}  # split -> source, each read from disk once
+
+    #### The loop: log, evaluate, checkpoint; SIGTERM/SIGINT -> save and exit.
     writer = MetricWriter(workdir, enabled=is_main)
     progress = Progress(total_steps, config.batch_size, start_step=start)
     last: dict[str, Any] = {}
     step = start
-    with ckpt_lib.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
         while step < total_steps:
-            batch = sharding.shard_batch(model_inputs(next(train_iter)), mesh, batch_axes)
-            state, metrics = train_step(state, batch)
+            inputs = train_step_lib.model_inputs(next(train_iter))
+            state, metrics = train_step(state, sharding.shard_batch(inputs, mesh, batch_axes))
             step += 1
+
+            # Log: the step's metrics and the input pipeline's bad-example counters.
             if step % config.log_every_steps == 0 or step == total_steps:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 last.update(pipeline.bad_example_stats(train_iter))
@@ -192,22 +176,26 @@ def _train(config, workdir: str) -> dict[str, Any]:
                 writer.write(step, last, prefix="train")
                 if is_main:
                     progress.update(step, last)
-            val_metrics = None
-            if step % config.eval_every_steps == 0 or step == total_steps:
-                val_metrics = validate(
-                    embed_eval,
-                    state["params"],
-                    val_source,
-                    config,
-                    tokenizer=tokenizer,
-                    loss_name=config.loss.name,
-                    batch_size=config.batch_size,
-                    mesh=mesh,
-                    batch_axes=batch_axes,
-                )
-                writer.write(step, val_metrics, prefix="val")
-                if is_main:
-                    progress.note(step, val_metrics)
+
+            # Evaluate: every evaluator due at this step, on the current weights; each split
+            # and prompt is embedded once per step, whichever evaluators ask for it.
+            eval_metrics: dict[str, Any] = {}
+            due = [e for e in evals if e.due(step, total_steps)]
+            if due:
+                embeddings = _embeddings(
+                    fns, state["params"], config, tokenizer, eval_sources, workdir, mesh,
+                    batch_axes,
+                )  # fmt: skip
+                for e in due:
+                    values = _scalars(e.evaluator.run(embeddings))
+                    writer.write(step, values, prefix=e.name)
+                    if is_main:
+                        label = "validation" if e.name == "val" else e.name
+                        progress.note(step, values, name=label)
+                    eval_metrics.update({f"{e.name}/{k}": v for k, v in values.items()})
+
+            # Checkpoint: on cadence, at the end, and when any process was asked to stop. The
+            # evaluators' numbers drive the keep-best policy (val/loss by default).
             signal_name = guard.requested
             stop = _agree(signal_name is not None)
             if stop:
@@ -222,7 +210,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
                         "epoch": step / steps_per_epoch,
                         **pipeline.bad_example_stats(train_iter),
                     },
-                    metrics={f"val/{k}": v for k, v in (val_metrics or {}).items()} or None,
+                    metrics=eval_metrics or None,
                     force=True,
                 )
             if stop:
@@ -234,73 +222,119 @@ def _train(config, workdir: str) -> dict[str, Any]:
     return last
 
 
-def _finetune_model_config(config, init_dir):
-    """The init_from run's architecture (model_config.json) with this config's compute
-    settings (dtype, remat, attention, dropout). The data must fit its max_frames."""
-    from signclip_jax import run as run_lib
-    from signclip_jax.errors import UserError
-
-    m = config.model
-    mcfg = run_lib.read_model_config(
-        init_dir, dtype=m.dtype, remat=m.remat, attention=m.attention
-    )
-    dropout = {
-        "hidden_dropout_prob": m.get("hidden_dropout"),
-        "attention_probs_dropout_prob": m.get("attention_dropout"),
-    }
-    dropout = {k: float(v) for k, v in dropout.items() if v is not None}
-    if dropout:
-        import dataclasses
-
-        mcfg = dataclasses.replace(mcfg, bert=mcfg.bert.replace(**dropout))
-    if config.data.max_frames > mcfg.max_frames:
-        raise UserError(
-            f"data.max_frames={config.data.max_frames} exceeds the max_frames={mcfg.max_frames} "
-            f"of the model in {init_dir} (init_from)"
-        )
-    if m.projection != mcfg.projection or m.video_layers != mcfg.video_layers:
-        log.warning(
-            "init_from %s: using its architecture (projection=%s, video_layers=%d) instead of "
-            "model.projection=%s, model.video_layers=%d",
-            init_dir, mcfg.projection, mcfg.video_layers, m.projection, m.video_layers,
-        )  # fmt: skip
-    return mcfg
-
-
-def _restore_init(init_dir, step_dir, params, config, mesh):
-    """params with the model part restored from `step_dir`; the loss scalars too when the
-    source run used the same loss, else they keep their fresh init."""
-    import jax
-
-    from signclip_jax import checkpoint as ckpt_lib
-    from signclip_jax import run as run_lib
-    from signclip_jax.train import losses, sharding
-
-    source = run_lib.read_json(init_dir / run_lib.CONFIG_FILE)
-    source_loss = (source.get("loss") or {}).get("name", "signclip")
-    loss_params = losses.init_loss_params(source_loss, source.get("loss") or {})
-    abstract = {
-        "model": ckpt_lib.abstract_like(params["model"]),
-        "loss": jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-            loss_params,
-        ),
-    }
-    restored = ckpt_lib.restore_params(step_dir, abstract)
-    keep_loss = source_loss == config.loss.name
-    if not keep_loss:
-        log.info("init_from used loss %r: %r starts from its own init", source_loss,
-                 config.loss.name)  # fmt: skip
-    return {"model": restored["model"], "loss": restored["loss"] if keep_loss else params["loss"]}
-
-
 def _agree(flag: bool) -> bool:
     """True on every process if it is True on any (a preempted worker stops them all)."""
-    import jax
-
     if jax.process_count() == 1:
         return flag
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
+
+
+def _scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """An evaluator's numbers, flat: nested groups joined with "/" (zero-shot's by_language,
+    few-shot's shots), text left out (metrics.jsonl rows, TensorBoard, checkpoint metrics)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, Mapping):
+            out.update(_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, np.number)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: the embedding functions the evaluators call during training.
+
+
+def _embeddings(
+    fns: train_step_lib.TrainStep,
+    params: Any,
+    config,
+    tokenizer,
+    split_sources: dict[str, Any],
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    batch_axes: tuple[str, ...],
+) -> evaluators.Embeddings:
+    """The model at `params` as the evaluators see it: the sharded jitted eval forwards over
+    the mesh (fns.embed, fns.embed_text), run on every process.
+
+    Each process feeds its own rows of a global batch (sharding.shard_batch); the embeddings
+    come back whole (replicated) with the rows in process order, and the gathers line each
+    row up with its validity, source index and prompt. Batches are config.batch_size rows,
+    as training's, so the validation loss averages over training-sized chunks.
+    """
+    n_procs, me = jax.process_count(), jax.process_index()
+    local = config.batch_size // n_procs
+    settings = pipeline.settings_from_config(config)
+
+    def source(split: str):
+        if split not in split_sources:
+            split_sources[split] = sources.make_source(config.data, split=split, workdir=workdir)
+        return split_sources[split]
+
+    def embed_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        inputs = sharding.shard_batch(train_step_lib.model_inputs(batch), mesh, batch_axes)
+        pose_emb, text_emb = fns.embed(params, inputs)
+        valid = _gather_rows(np.asarray(batch["valid"]))
+        return {
+            "pose": np.asarray(pose_emb)[valid],
+            "text": np.asarray(text_emb)[valid],
+            "index": _gather_rows(np.asarray(batch["index"]).astype(np.int32))[valid],
+            "prompt": [p for p, v in zip(_gather_texts(batch["prompt"]), valid) if v],
+        }
+
+    def embed_split(split: str) -> retrieval.SplitEmbeddings:
+        return retrieval.embed_split(
+            source(split),
+            config,  # the whole config: data.pose_dtype "auto" follows model.dtype
+            tokenizer=tokenizer,
+            embed_batch=embed_batch,
+            batch_size=local,
+            split=split,
+            process_index=me,
+            process_count=n_procs,
+        )
+
+    def embed_texts(prompts: list[str]) -> np.ndarray:
+        # Global batches of config.batch_size prompts (padded with ""): one compiled shape.
+        rows, out = config.batch_size, []
+        for start in range(0, len(prompts), rows):
+            chunk = list(prompts[start : start + rows])
+            ids, mask = text.encode_texts(
+                tokenizer, chunk + [""] * (rows - len(chunk)), settings.text_max_len
+            )
+            mine = slice(me * local, (me + 1) * local)  # this process's rows
+            inputs = {"text_ids": ids[mine], "text_mask": mask[mine]}
+            emb = fns.embed_text(params, sharding.shard_batch(inputs, mesh, batch_axes))
+            out.append(np.asarray(emb)[: len(chunk)])
+        return np.concatenate(out)
+
+    return evaluators.Embeddings(
+        embed_split,
+        embed_texts,
+        loss_params=params["loss"],
+        captions=lambda split: retrieval.split_captions(source(split), settings),
+    )
+
+
+def _gather_rows(rows: np.ndarray) -> np.ndarray:
+    """Every process's `rows` [b, ...] of this batch, concatenated in process order."""
+    if jax.process_count() == 1:
+        return rows
+    return np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+
+
+def _gather_texts(prompts) -> list[str]:
+    """Every process's prompts of this batch, in process order (the global batch's rows)."""
+    if jax.process_count() == 1:
+        return [str(p) for p in prompts]
+    # Strings cannot be all-gathered directly: gather UTF-8 bytes padded to a common length.
+    encoded = [str(p).encode() for p in prompts]
+    width = int(
+        multihost_utils.process_allgather(np.int32(max(map(len, encoded), default=1))).max()
+    )
+    buf = np.zeros((len(encoded), width), np.uint8)
+    for i, e in enumerate(encoded):
+        buf[i, : len(e)] = np.frombuffer(e, np.uint8)
+    allbuf = np.asarray(multihost_utils.process_allgather(buf, tiled=True))
+    return [bytes(row).rstrip(b"\0").decode() for row in allbuf]

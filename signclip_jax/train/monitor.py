@@ -1,14 +1,17 @@
-"""Pieces of the train loop kept out of train.py: metric files, the progress line, validation."""
+"""What the train loop reports, and where XLA keeps its compiled programs: metrics.jsonl (+
+TensorBoard events), the live progress line, the persistent compilation cache."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from etils import epath
 
@@ -25,6 +28,8 @@ class MetricWriter:
         self._tb = None
         if enabled:
             try:
+                # Imported here: tensorboardX imports torch whenever torch is installed
+                # (seconds), and TensorBoard is a convenience that must never stop training.
                 from tensorboardX import SummaryWriter
 
                 self._tb = SummaryWriter(str(epath.Path(workdir) / "tb"))
@@ -64,10 +69,6 @@ def enable_compilation_cache(path: str | None) -> str | None:
     """
     if not path:
         return None
-    import os
-
-    import jax
-
     path = path if "://" in path else os.path.expanduser(path)
     jax.config.update("jax_compilation_cache_dir", path)  # also after earlier compiles (tested)
     return path
@@ -108,9 +109,10 @@ class Progress:
         end = "\r" if self._tty and step < self.total else "\n"
         print(line.ljust(100), end=end, file=self.stream, flush=True)
 
-    def note(self, step: int, values: Mapping[str, float]) -> None:
+    def note(self, step: int, values: Mapping[str, float], *, name: str = "validation") -> None:
+        """One line of an evaluator's numbers (floats only)."""
         shown = " ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
-        print(f"\nvalidation at step {step}: {shown}", file=self.stream, flush=True)
+        print(f"\n{name} at step {step}: {shown}", file=self.stream, flush=True)
 
 
 def _duration(seconds: float) -> str:
@@ -120,111 +122,3 @@ def _duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-MODEL_INPUTS = ("pose", "pose_mask", "text_ids", "text_mask")
-
-
-def model_inputs(batch: dict) -> dict:
-    """The arrays the model reads. With several processes, each process's length bucket
-    may differ: pad all to the longest so the global array has one frame length."""
-    import jax
-
-    batch = {k: batch[k] for k in MODEL_INPUTS}
-    if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
-
-        from signclip_jax.data import pipeline
-
-        length = batch["pose"].shape[1]
-        longest = int(np.asarray(multihost_utils.process_allgather(np.int32(length))).max())
-        if longest != length:
-            batch = pipeline.pad_to_length(batch, longest)
-    return batch
-
-
-def validate(
-    embed_fn: Callable,
-    params: Any,
-    source,
-    data_cfg,
-    *,
-    tokenizer,
-    loss_name: str,
-    batch_size: int,
-    mesh,
-    batch_axes: tuple[str, ...],
-) -> dict[str, float]:
-    """Embeds the whole validation split; returns the loss and retrieval metrics.
-
-    loss: mean over consecutive chunks of `batch_size` of the training loss (as fairseq's
-    validation: mean of per-batch losses); retrieval: both directions on the whole split with
-    the original definitions (signclip_jax.metrics). data_cfg: config.data, or the whole
-    config (then data.pose_dtype "auto" follows model.dtype, as in training).
-    """
-    import jax
-
-    from signclip_jax.data import pipeline
-    from signclip_jax.evaluation.evaluate import evaluate_retrieval
-    from signclip_jax.train import losses, sharding
-
-    pose_parts, text_parts, texts = [], [], []
-    for batch in pipeline.make_eval_batches(
-        source,
-        data_cfg,
-        tokenizer=tokenizer,
-        batch_size=batch_size // jax.process_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    ):
-        valid = np.asarray(batch["valid"])
-        arrays = model_inputs(batch)
-        pose_emb, text_emb = embed_fn(params, sharding.shard_batch(arrays, mesh, batch_axes))
-        pose_emb, text_emb = np.asarray(pose_emb), np.asarray(text_emb)
-        # Rows of this process come back in the global array in process order; keep the valid.
-        valid_all = _gather_valid(valid)
-        pose_parts.append(pose_emb[valid_all])
-        text_parts.append(text_emb[valid_all])
-        texts.extend(t for t, v in zip(_gather_texts(batch["prompt"]), valid_all) if v)
-    if not pose_parts:
-        return {}
-    pose_all = np.concatenate(pose_parts)
-    text_all = np.concatenate(text_parts)
-    chunk_losses = []
-    for start in range(0, len(pose_all), batch_size):
-        pe, te = pose_all[start : start + batch_size], text_all[start : start + batch_size]
-        if len(pe) > 1:
-            chunk_losses.append(float(losses.reference_loss(loss_name, pe, te, params["loss"])))
-    out = {"loss": float(np.mean(chunk_losses)) if chunk_losses else float("nan")}
-    # Block-wise scores (no [N, N] matrix), the same numbers `evaluate` reports.
-    out.update(evaluate_retrieval(pose_all, text_all, texts, standard=False))
-    return out
-
-
-def _gather_valid(valid: np.ndarray) -> np.ndarray:
-    import jax
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return valid
-    return np.asarray(multihost_utils.process_allgather(valid, tiled=True))
-
-
-def _gather_texts(prompts) -> list[str]:
-    """Every process's prompts of this batch, in process order (the global batch's rows)."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return [str(p) for p in prompts]
-    # Strings cannot be all-gathered directly: gather UTF-8 bytes padded to a common length.
-    encoded = [str(p).encode() for p in prompts]
-    width = int(
-        multihost_utils.process_allgather(np.int32(max(map(len, encoded), default=1))).max()
-    )
-    buf = np.zeros((len(encoded), width), np.uint8)
-    for i, e in enumerate(encoded):
-        buf[i, : len(e)] = np.frombuffer(e, np.uint8)
-    allbuf = np.asarray(multihost_utils.process_allgather(buf, tiled=True))
-    return [bytes(row).rstrip(b"\0").decode() for row in allbuf]

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -207,8 +208,6 @@ def optimizer_shardings(tx, params, mesh: Mesh):
     `jax.jit(tx.init)` alone leaves every leaf on one device; this gives the placement to
     pass as its `out_shardings` (and to the train step).
     """
-    import optax
-
     abstract = jax.eval_shape(tx.init, params)
     param_sharding = jax.tree.map(lambda x: x.sharding, params)
     return optax.tree_utils.tree_map_params(

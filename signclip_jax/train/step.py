@@ -1,6 +1,6 @@
-"""The sharded train step: parameters and optimiser state laid out by the sharding rules,
-one jitted update (GradCache accumulation -> loss in shard_map -> fairseq Adam), and the
-jitted eval embedding. Used by train.py and by `bench train`.
+"""The update: parameters and optimiser state laid out by the sharding rules, one jitted
+train step (GradCache accumulation -> loss in shard_map -> fairseq Adam), and the jitted
+eval-mode forwards the evaluators embed with. Used by train/loop.py and by `bench train`.
 
 state = {"params": {"model": nnx.State, "loss": {...}}, "opt": optax state, "step": int32}
 """
@@ -16,15 +16,34 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from signclip_jax.data import pipeline
 from signclip_jax.train import grad_cache, losses, optim, sharding
+
+MODEL_INPUTS = ("pose", "pose_mask", "text_ids", "text_mask")
+
+
+def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays the model reads from an input-pipeline batch. With several processes, each
+    process's length bucket may differ: pad all to the longest so the global array has one
+    frame length."""
+    batch = {k: batch[k] for k in MODEL_INPUTS}
+    if jax.process_count() > 1:
+        length = batch["pose"].shape[1]
+        longest = int(np.asarray(multihost_utils.process_allgather(np.int32(length))).max())
+        if longest != length:
+            batch = pipeline.pad_to_length(batch, longest)
+    return batch
 
 
 @dataclasses.dataclass
 class TrainStep:
     """What the train loop needs. `step(state, batch) -> (state, metrics)` donates `state`;
-    `embed(params, batch) -> (pose [B, H], text [B, H])` is the eval-mode forward."""
+    `embed(params, batch) -> (pose [B, H], text [B, H])` is the eval-mode forward and
+    `embed_text(params, {"text_ids", "text_mask"}) -> [B, H]` its text tower alone (outputs
+    replicated; B splits over the batch axes)."""
 
     state: dict[str, Any]
     state_sharding: Any
@@ -32,6 +51,7 @@ class TrainStep:
     batch_sharding: Any
     step: Callable
     embed: Callable
+    embed_text: Callable
     schedule: optax.Schedule
     graphdef: Any
 
@@ -121,6 +141,17 @@ def make_train_step(
         in_shardings=(param_sharding, batch_sharding),
         out_shardings=sharding.replicated(mesh),
     )
+
+    def embed_text_eval(p, batch):
+        m = nnx.merge(graphdef, p["model"], _copy(model_rngs), _copy(model_rest))
+        m.eval()
+        return m.embed_text(batch["text_ids"], batch["text_mask"])
+
+    embed_text = jax.jit(
+        embed_text_eval,
+        in_shardings=(param_sharding, batch_sharding),
+        out_shardings=sharding.replicated(mesh),
+    )
     return TrainStep(
         state=state,
         state_sharding=state_sharding,
@@ -128,6 +159,7 @@ def make_train_step(
         batch_sharding=batch_sharding,
         step=step,
         embed=embed,
+        embed_text=embed_text,
         schedule=schedule,
         graphdef=graphdef,
     )
@@ -152,4 +184,4 @@ def _copy(state):
     return jax.tree.map(lambda x: x, state)
 
 
-__all__ = ["TrainStep", "make_train_step"]
+__all__ = ["MODEL_INPUTS", "TrainStep", "make_train_step", "model_inputs"]

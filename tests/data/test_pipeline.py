@@ -336,7 +336,7 @@ def test_pose_dtype_follows_a_16_bit_model_and_rounds_like_the_model(synth, toke
 
 
 def test_packed_shards_give_the_same_batches(synth, tokenizer, tmp_path):
-    from signclip_jax.tools.prepare import pack
+    from signclip_jax.data.packing import pack
 
     pack(synth, tmp_path / "p", spec=pose_lib.PoseSpec(max_frames=0), dtype="float32")
     packed = sources.PackedSource(tmp_path / "p")

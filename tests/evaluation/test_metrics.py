@@ -1,3 +1,8 @@
+import random
+import statistics
+import warnings
+from math import sqrt
+
 import numpy as np
 import pytest
 
@@ -223,8 +228,6 @@ def test_topk_hits_tie_rule_equals_sklearn():
 
 
 def test_few_shot_sample_groups_and_limits():
-    import random
-
     train = ["a", "b", "a", "x", "c", "a", "b"]
     test = ["a", "b", "c", "d"]
     support = metrics.few_shot_sample(train, test, 1, random.Random(0))
@@ -244,9 +247,6 @@ def test_knn_neighbors_rules():
 def _script_knn(train_emb, train_text, test_emb, test_text, shots, seed=42):
     """An independent walk through reference 7.4: the global `random` seeded once, then the
     shot counts in order; sklearn's own LabelEncoder / top_k_accuracy_score."""
-    import random
-    import statistics
-    from math import sqrt
 
     from sklearn.metrics import top_k_accuracy_score
     from sklearn.neighbors import KNeighborsClassifier
@@ -295,8 +295,6 @@ def _classes_data(seed, n_classes=12, n_train=150, n_test=60, dim=6):
 
 
 def test_few_shot_knn_follows_the_original_protocol():
-    import warnings
-
     xtr, ttr, xte, tte = _classes_data(0)
     shots = (1, 5, 10, 100)
     with warnings.catch_warnings():

@@ -17,14 +17,20 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from signclip_jax import run as run_lib
+from signclip_jax.cli import run_cli
 from signclip_jax.data import synthetic
 from signclip_jax.errors import DataError, UserError
+from signclip_jax.extras import MissingExtra
 from signclip_jax.interop import convert
-from signclip_jax.interop.torch_twin import TorchSignCLIP
+from signclip_jax.interop.torch_twin import TorchSignCLIP, staged_output
+from signclip_jax.model import signclip as signclip_model
+from signclip_jax.model.bert import BertConfig
 from signclip_jax.model.signclip import to_state_dict
 from signclip_jax.serving import embedder as embedder_lib
+from signclip_jax.train import losses, sharding
 from tests.helpers import TINY_BERT, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,8 +261,6 @@ def test_twin_parity_on_real_poses(exports, embedder, shared_pose):
 def _twin(projection="none", video_layers=2, *, minilm=False) -> TorchSignCLIP:
     """Random twin standing in for an original checkpoint: MiniLM's shapes (vocab 30522, hidden
     384, 6 text layers, 12 heads) or the tiny test BERT's (same vocabulary, hidden 32)."""
-    from signclip_jax.model.bert import BertConfig
-
     bert = BertConfig.from_hf("minilm") if minilm else BertConfig(**TINY_BERT)
     config = dict(bert=bert.to_dict(), video_layers=video_layers, projection=projection,
                   pose_dim=609, max_frames=256, cls_token_id=101, sep_token_id=102)  # fmt: skip
@@ -440,31 +444,86 @@ def _save_bytes(path: Path, data: bytes) -> Path:
 
 
 def test_init_from_restores_the_converted_params(exports, run, tmp_path):
-    """What train does with --config.init_from=DIR: build the model from its config, restore
-    checkpoints/0 into that structure (without running a training step)."""
-    from flax import nnx
-
-    from signclip_jax import checkpoint as ckpt_lib
-    from signclip_jax.model import signclip as signclip_model
-    from signclip_jax.train import losses
-
+    """What train does with --config.init_from=DIR: the factory (run.py) builds the model of
+    the converted run directory and restores checkpoints/0 into its sharded parameters."""
     out = tmp_path / "imported"
     convert.from_pytorch(exports / "fp32.pt", out)
-    config = json.loads((out / "config.json").read_text())
-    import ml_collections
-
-    config = ml_collections.ConfigDict(config)
-    model = signclip_model.build_model(config, rngs=nnx.Rngs(0))
+    config = run_lib.read_config(out)
+    config.init_from = str(out)
+    source = run_lib.source_from_config(config)
+    assert source.model_config == run.model_config and source.step_dir.name == "0"
+    model = signclip_model.SignCLIP(source.model_config, rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh((-1, 1), ("data", "fsdp"))
     params = {
         "model": nnx.state(model, nnx.Param),
         "loss": losses.init_loss_params(config.loss.name, config.loss),
     }
-    step_dir = ckpt_lib.resolve_step_dir(str(out))
-    restored = ckpt_lib.restore_params(step_dir, ckpt_lib.abstract_like(params))
+    params = jax.device_put(params, sharding.replicated(mesh))
+    restored = run_lib.init_params_from(source, params, config, mesh)
     nnx.update(model, restored["model"])
     expected = to_state_dict(run.model)
     for key, value in to_state_dict(model).items():
         np.testing.assert_array_equal(value, expected[key], err_msg=key)
+
+
+# ----------------------------------------------------------------------- torch is an extra
+def test_missing_torch_is_one_line_naming_the_extra(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    commands = {
+        "to-pytorch": [f"--workdir={tmp_path}", "--format=mmpt", f"--out={tmp_path / 'x.pt'}"],
+        "from-pytorch": [f"--input={tmp_path}", f"--out={tmp_path / 'wd'}"],
+    }
+    for command, args in commands.items():
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(lambda: convert.main([command, *args]))  # noqa: B023 (called at once)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: convert {command} needs the optional package 'torch', which is not "
+            "installed: pip install 'signclip-jax[torch]'"
+        ]
+    with pytest.raises(MissingExtra, match=r"signclip-jax\[torch\]"):
+        convert.read_source(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        convert.main(["from-pytorch", "--help"])
+    assert exit_.value.code == 0 and "--input" in capsys.readouterr().out
+
+
+NO_TORCH = textwrap.dedent(
+    """
+    import sys
+
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torch":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, BlockTorch())
+    import signclip_jax.evaluate, signclip_jax.embed, signclip_jax.run, signclip_jax.train.loop
+    from signclip_jax.interop import convert
+    assert "torch" not in sys.modules, "the core imported torch"
+    from signclip_jax.cli import run_cli
+    run_cli(lambda: convert.main(sys.argv[1:]))
+    """
+)
+
+
+def test_core_and_convert_import_without_torch(tmp_path):
+    script = tmp_path / "no_torch.py"
+    script.write_text(NO_TORCH)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    convert_no_torch = lambda *args: subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    r = convert_no_torch("--help")
+    assert r.returncode == 0 and "to-pytorch" in r.stdout, r.stderr[-3000:]
+    r = convert_no_torch("from-pytorch", f"--input={tmp_path}", f"--out={tmp_path / 'wd'}")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.splitlines() == [
+        "error: convert from-pytorch needs the optional package 'torch', which is not "
+        "installed: pip install 'signclip-jax[torch]'"
+    ]
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -512,8 +571,6 @@ def test_cli_help_and_errors(exports, tiny_workdir, tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    from signclip_jax.interop.torch_twin import staged_output
-
     target = tmp_path / "folder"
     with pytest.raises(RuntimeError), staged_output(target, directory=True) as tmp:
         (tmp / "half").write_text("x")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
+from signclip_jax.data.pose import load_features, pad_frames
 from signclip_jax.data.text import encode_texts, load_tokenizer, render_prompt
 from signclip_jax.errors import DataError, UserError
 from signclip_jax.interop.torch_twin import (
@@ -200,8 +201,6 @@ def test_load_errors_name_the_tensor():
 # ------------------------------------------------------------------------------ real poses
 @pytest.mark.shared_data
 def test_real_poses_parity_and_padding(minilm, shared_pose):
-    from signclip_jax.data.pose import load_features, pad_frames
-
     model, twin, tok = minilm
     names = ["spreadthesign-ase-house.pose", "colin-1-HOUSE.pose", "colin-SAD.pose"]
     feats = [load_features(shared_pose(n)) for n in names]

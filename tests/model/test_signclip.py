@@ -226,6 +226,31 @@ def test_model_config_from_full_training_config():
     assert rebuilt.bert == mini.bert and rebuilt.cls_token_id == tok.cls_token_id
 
 
+def test_with_compute_changes_settings_not_architecture():
+    c = model_config(dict(text_model="bert-base-cased", video_layers=2, max_frames=64))
+    d = c.with_compute(
+        dtype="bfloat16", remat=True, attention="auto", hidden_dropout=0, attention_dropout=0.3
+    )
+    assert (d.dtype, d.remat, d.attention) == ("bfloat16", True, "auto")
+    assert (d.bert.hidden_dropout_prob, d.bert.attention_probs_dropout_prob) == (0.0, 0.3)
+    assert d.with_compute() is d  # None keeps every setting
+    same_shapes = d.bert.replace(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    assert same_shapes == c.bert
+    assert (d.video_layers, d.max_frames, d.projection) == (c.video_layers, 64, c.projection)
+    # The section's dropout keys take the same path.
+    assert model_config(dict(text_model="bert-base-cased", hidden_dropout=0)).bert == (
+        c.bert.replace(hidden_dropout_prob=0.0)
+    )
+    with pytest.raises(UserError, match="cudnn"):
+        c.with_compute(attention="cudnn")  # float32 has no cuDNN kernel: validated again
+    assert c.bert_config_dict() == {
+        "model_type": "bert",
+        **c.bert.to_dict(),
+        "cls_token_id": 101,
+        "sep_token_id": 102,
+    }
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import signclip_jax.tools
+import signclip_jax.data
 from signclip_jax import run as run_lib
 from signclip_jax.data import pose as pose_lib
 from signclip_jax.data import text as text_lib
 from signclip_jax.errors import UserError
 from signclip_jax.serving import embed as embed_lib
+from signclip_jax.serving import video_input
 from tests.helpers import write_pose
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,9 +70,9 @@ def reference(tiny_workdir):
 def fake_video_module(
     pose_bytes: bytes | None = None, error: str | None = None, env_error: str | None = None
 ):
-    """signclip_jax.tools.video stand-in: returns `pose_bytes`, or raises UserError(error) (a bad
+    """signclip_jax.data.video stand-in: returns `pose_bytes`, or raises UserError(error) (a bad
     video) or VideoEnvError(env_error) (no video environment)."""
-    module = types.ModuleType("signclip_jax.tools.video")
+    module = types.ModuleType("signclip_jax.data.video")
     calls = []
 
     class VideoEnvError(UserError):
@@ -88,10 +89,10 @@ def fake_video_module(
     module.video_to_pose = video_to_pose
     module.VideoEnvError = VideoEnvError
     with pytest.MonkeyPatch.context() as mp:
-        # Both places `from signclip_jax.tools import video` looks: the package attribute (set
+        # Both places `from signclip_jax.data import video` looks: the package attribute (set
         # once any test imported the real module) and sys.modules.
-        mp.setattr(signclip_jax.tools, "video", module, raising=False)
-        mp.setitem(sys.modules, "signclip_jax.tools.video", module)
+        mp.setattr(signclip_jax.data, "video", module, raising=False)
+        mp.setitem(sys.modules, "signclip_jax.data.video", module)
         yield calls
 
 
@@ -155,21 +156,21 @@ def test_read_texts_file(tmp_path):
 
 def test_video_hook(poses):
     with pytest.MonkeyPatch.context() as mp:
-        mp.delattr(signclip_jax.tools, "video", raising=False)
-        mp.setitem(sys.modules, "signclip_jax.tools.video", None)  # module absent: ImportError
+        mp.delattr(signclip_jax.data, "video", raising=False)
+        mp.setitem(sys.modules, "signclip_jax.data.video", None)  # module absent: ImportError
         with pytest.raises(UserError, match=r"x\.mp4: video input needs the optional video"):
-            embed_lib.video_to_pose_bytes("x.mp4", name="x.mp4")
+            video_input.video_to_pose_bytes("x.mp4", name="x.mp4")
     with fake_video_module(env_error="mediapipe is not installed"):
         with pytest.raises(
-            embed_lib.VideoUnavailable, match=r"up\.webm: .*optional video environment.*mediapipe"
+            video_input.VideoUnavailable, match=r"up\.webm: .*optional video environment.*mediapipe"
         ):
-            embed_lib.video_to_pose_bytes(b"...", name="up.webm")
+            video_input.video_to_pose_bytes(b"...", name="up.webm")
     with fake_video_module(error="cannot decode"):  # a bad video: the module's own message
         with pytest.raises(UserError, match=r"^up\.webm: cannot decode$") as info:
-            embed_lib.video_to_pose_bytes(b"...", name="up.webm")
-        assert not isinstance(info.value, embed_lib.VideoUnavailable)
+            video_input.video_to_pose_bytes(b"...", name="up.webm")
+        assert not isinstance(info.value, video_input.VideoUnavailable)
     with fake_video_module(pose_bytes=b"POSE") as calls:
-        assert embed_lib.video_to_pose_bytes(Path("v.mov"), name="v.mov") == b"POSE"
+        assert video_input.video_to_pose_bytes(Path("v.mov"), name="v.mov") == b"POSE"
         assert calls == ["v.mov"]
 
 

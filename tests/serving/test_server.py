@@ -1,6 +1,7 @@
 """python -m signclip_jax.serve over real HTTP on loopback: the original's routes and shapes,
 equality with the embed CLI, batch independence, a malformed-input corpus (4xx + JSON every
-time), CORS, a bounded concurrent load, and the server's own failure modes."""
+time), CORS, a bounded concurrent load, gunicorn's own CLI on `signclip_jax.serve:create_app()`,
+and the server's own failure modes (no model, no Flask). The model thread: test_batcher.py."""
 
 import base64
 import concurrent.futures
@@ -8,6 +9,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,8 +24,12 @@ import portpicker
 import pytest
 
 from signclip_jax.errors import UserError
+from signclip_jax.extras import MissingExtra
+from signclip_jax.serving import app as app_lib
 from signclip_jax.serving import embed as embed_lib
-from signclip_jax.serving import server as serve
+from signclip_jax.serving import server as server_lib
+from signclip_jax.serving.batcher import QueueFull
+from signclip_jax.serving.settings import ServeSettings
 from tests.helpers import write_pose
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -430,88 +436,31 @@ def test_worker_that_cannot_load_stops_the_server(tiny_workdir, tmp_path):
     finally:
         stop(proc)
     text = log.read_text()
-    assert code == serve.APP_LOAD_ERROR, text[-2000:]
+    assert code == app_lib.APP_LOAD_ERROR, text[-2000:]
     assert "error: loading the model failed" in text and "does not match" in text
 
 
 # ---------------------------------------------------------------------------------- units
-class FakeEmbedder:
-    """Rows encode their input (pose: frame count, text: length) so splitting can be checked;
-    the first call blocks until released, so later requests pile up behind it."""
-
-    hidden_size = 2
-
-    def __init__(self):
-        self.release = threading.Event()
-        self.calls: list[tuple[int, int]] = []
-
-    def embed_features(self, feats):
-        self.release.wait(10)
-        self.calls.append(("pose", len(feats)))
-        return np.array([[len(f), i] for i, f in enumerate(feats)], np.float32)
-
-    def embed_texts(self, texts):
-        self.release.wait(10)
-        self.calls.append(("text", len(texts)))
-        if "boom" in texts:
-            raise RuntimeError("model failure")
-        return np.array([[len(t), i] for i, t in enumerate(texts)], np.float32)
-
-
-def test_batcher_merges_and_splits():
-    fake = FakeEmbedder()
-    batcher = serve.Batcher(fake, batch_size=64, wait_s=0.0, max_queue=100)
-    first = batcher.submit([np.zeros((3, 1))], [])
-    time.sleep(0.1)  # the model thread is now blocked inside the first call
-    later = [batcher.submit([np.zeros((k, 1))] * k, ["t" * k]) for k in range(1, 6)]
-    fake.release.set()
-    assert first.result(5)[0].tolist() == [[3, 0]]
-    for k, future in enumerate(later, start=1):
-        poses, texts = future.result(5)
-        assert poses[:, 0].tolist() == [k] * k and texts[:, 0].tolist() == [k]
-    # The five waiting requests went through each tower once, together.
-    assert fake.calls == [("pose", 1), ("pose", 15), ("text", 5)]
-    assert (batcher.batches, batcher.requests) == (2, 6)
-
-
-def test_batcher_errors_and_backpressure():
-    fake = FakeEmbedder()
-    batcher = serve.Batcher(fake, batch_size=64, wait_s=0.0, max_queue=2)
-    blocker = batcher.submit([], ["a"])
-    time.sleep(0.1)
-    bad, good = batcher.submit([], ["boom"]), batcher.submit([], ["ok"])
-    with pytest.raises(serve.ApiError) as e:  # queue holds 2: the third waits nowhere
-        batcher.submit([], ["x"])
-    assert e.value.status == 503 and e.value.headers["Retry-After"]
-    fake.release.set()
-    blocker.result(5)
-    with pytest.raises(RuntimeError, match="model failure"):
-        bad.result(5)
-    with pytest.raises(RuntimeError):  # merged with the failing one: told, not left hanging
-        good.result(5)
-    assert batcher.submit([], ["fine"]).result(5)[1].tolist() == [[4, 0]]
-
-
 def test_settings_from_env():
-    s = serve.ServeSettings.from_env(
+    s = ServeSettings.from_env(
         {"SIGNCLIP_WORKDIR": "/w", "SIGNCLIP_BATCH_SIZE": "16", "SIGNCLIP_WARM_UP": "false",
          "SIGNCLIP_BATCH_WAIT_MS": "0.5", "SIGNCLIP_MODEL_NAME": "", "OTHER": "x"}
     )  # fmt: skip
     assert (s.workdir, s.batch_size, s.warm_up, s.batch_wait_ms) == ("/w", 16, False, 0.5)
     assert s.model_name == "default" and s.checkpoint is None
     with pytest.raises(UserError, match="SIGNCLIP_BATCH_SIZE='many'"):
-        serve.ServeSettings.from_env({"SIGNCLIP_WORKDIR": "/w", "SIGNCLIP_BATCH_SIZE": "many"})
+        ServeSettings.from_env({"SIGNCLIP_WORKDIR": "/w", "SIGNCLIP_BATCH_SIZE": "many"})
     with pytest.raises(UserError, match="no model"):
-        serve.ServeSettings.from_env({})
+        ServeSettings.from_env({})
     with pytest.raises(UserError, match="max_items must be >= 1"):
-        serve.ServeSettings.from_env({"SIGNCLIP_CHECKPOINT": "/c", "SIGNCLIP_MAX_ITEMS": "0"})
+        ServeSettings.from_env({"SIGNCLIP_CHECKPOINT": "/c", "SIGNCLIP_MAX_ITEMS": "0"})
 
 
 def test_app_whose_model_failed_to_load(tmp_path):
     """In-process (Flask test client): liveness stays up, readiness and the API say 503."""
-    settings = serve.ServeSettings(workdir=str(tmp_path), exit_on_load_error=False)
-    host = serve.ModelHost(settings)
-    app = serve.create_app(settings, host=host.start())
+    settings = ServeSettings(workdir=str(tmp_path), exit_on_load_error=False)
+    host = app_lib.ModelHost(settings)
+    app = app_lib.create_app(settings, host=host.start())
     assert host.wait(60) == "failed"
     client = app.test_client()
     assert client.get("/health").status_code == 200
@@ -520,3 +469,72 @@ def test_app_whose_model_failed_to_load(tmp_path):
     assert "no checkpoints" in r.json["error"]
     r = client.post("/api/embed/text", json={"text": "a"})
     assert r.status_code == 503 and "failed to load" in r.json["error"]
+
+
+def test_full_queue_is_a_503_with_retry_after():
+    """The model thread refuses work beyond max_queue (QueueFull); the client hears 503."""
+
+    class FullBatcher:
+        def submit(self, poses, texts):
+            raise QueueFull("too many requests waiting")
+
+    host = app_lib.ModelHost(ServeSettings(workdir="/w"))
+    host.status, host.batcher = "ready", FullBatcher()
+    with pytest.raises(app_lib.ApiError) as e:
+        host.embed([], ["a"])
+    assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
+    assert e.value.message == "server busy: too many requests waiting"
+
+
+# ---------------------------------------------------------------------------------- no Flask
+@pytest.mark.parametrize("missing", ["flask", "gunicorn"])
+def test_missing_serve_extra_is_one_clear_error(missing, tmp_path, monkeypatch):
+    """Without the `serve` extra, --help still works and serving says what to install: one
+    line, exit 2 (the check comes before the checkpoint is looked up)."""
+    hint = "pip install 'signclip-jax[serve]'"
+    monkeypatch.setitem(sys.modules, missing, None)  # import flask -> ModuleNotFoundError
+    with pytest.raises(MissingExtra, match=rf"'{missing}'.*{re.escape(hint)}"):
+        server_lib.main([f"--workdir={tmp_path}", "--port=1"])
+    if missing == "flask":
+        settings = ServeSettings(workdir=str(tmp_path))
+        with pytest.raises(MissingExtra, match=re.escape(hint)):
+            app_lib.create_app(settings, host=app_lib.ModelHost(settings))
+
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None; from signclip_jax.cli import run_cli; "
+        "from signclip_jax.serve import main; run_cli(main)"
+    )
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-c", code, *a], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )  # fmt: skip
+    r = run("--help")
+    assert r.returncode == 0 and "/api/embed/pose" in r.stdout
+    r = run(f"--workdir={tmp_path}", "--port=1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: serve needs the optional package {missing!r}, which is not installed: {hint}"
+    ]
+
+
+# ---------------------------------------------------------------------------------- gunicorn
+@pytest.mark.slow
+def test_gunicorn_cli_serves_the_entry_module_app(tiny_workdir, expected, tmp_path):
+    """`gunicorn ... 'signclip_jax.serve:create_app()'` with SIGNCLIP_* settings, as the
+    module docstring shows: the same embeddings as the embed CLI."""
+    port = portpicker.pick_unused_port()
+    env = {**os.environ, "SIGNCLIP_WORKDIR": str(tiny_workdir), "SIGNCLIP_BATCH_SIZE": "8",
+           "SIGNCLIP_WARM_UP": "0"}  # fmt: skip
+    log = tmp_path / "gunicorn.log"
+    cmd = [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "4", "-w", "1",
+           "-b", f"127.0.0.1:{port}", "--timeout", "600", "--no-control-socket",
+           "signclip_jax.serve:create_app()"]  # fmt: skip
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        api = Server(proc, port, log)
+        assert api.wait_ready(timeout=240)["checkpoint"].endswith("checkpoints/4")
+        status, _, data = api.request("POST", "/api/embed/text", {"text": TEXTS[:2]})
+        assert status == 200, data
+        np.testing.assert_allclose(data["embeddings"], [expected[t] for t in TEXTS[:2]], atol=1e-5)
+    finally:
+        stop(proc)

@@ -1,5 +1,5 @@
-"""`python -m signclip_jax.prepare`: end to end (subprocess), skip report, exit codes, and no
-half-written output when interrupted."""
+"""`python -m signclip_jax.prepare`: end to end (subprocess), skip report and exit codes. (The
+packing library, including interrupted runs: tests/data/test_packing.py.)"""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from signclip_jax.data import pose as pose_lib
 from signclip_jax.data import sources
-from signclip_jax.tools.prepare import pack
+from signclip_jax.data.synthetic import write_synthetic_dataset
 from tests.data.malformed import write_malformed_poses
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,8 +61,6 @@ def test_synthetic_end_to_end(tmp_path):
 
 
 def test_skipped_files_are_reported(tmp_path):
-    from signclip_jax.data.synthetic import write_synthetic_dataset
-
     csv_path = write_synthetic_dataset(tmp_path / "syn", num_signs=2, signers=3)
     good = sorted((tmp_path / "syn" / "poses").glob("*.pose"))
     bad = write_malformed_poses(tmp_path / "bad")
@@ -104,35 +101,3 @@ def test_all_bad_is_an_error(tmp_path):
 def test_missing_out_is_a_usage_error():
     r = _run("--source=synthetic")
     assert r.returncode == 2 and "--out" in r.stderr
-
-
-class _Interrupting:
-    """A source whose k-th record raises KeyboardInterrupt (a Ctrl-C mid-way)."""
-
-    def __init__(self, source, k):
-        self.source, self.k = source, k
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, i):
-        if i == self.k:
-            raise KeyboardInterrupt
-        return self.source[i]
-
-
-def test_interrupted_pack_leaves_no_partial_output(tmp_path):
-    from signclip_jax.data.synthetic import write_synthetic_dataset
-
-    csv_path = write_synthetic_dataset(tmp_path / "syn", num_signs=3, signers=3)
-    src = sources.SpreadthesignSource(csv_path, tmp_path / "syn" / "poses", split="all")
-    out = tmp_path / "p"
-    with pytest.raises(KeyboardInterrupt):
-        pack(_Interrupting(src, 7), out, spec=pose_lib.PoseSpec(max_frames=0), shard_size=4)
-    files = sorted(p.name for p in out.iterdir())
-    assert files == ["data-00000.array_record"]  # the complete shard only: no .tmp, no index
-    with pytest.raises(Exception, match=r"index\.json"):
-        sources.PackedSource(out)
-    index = pack(src, out, spec=pose_lib.PoseSpec(max_frames=0), shard_size=4, overwrite=True)
-    assert index["num_records"] == len(src)
-    np.testing.assert_array_equal(sources.PackedSource(out)[8]["points"].shape[1], 203)

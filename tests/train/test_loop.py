@@ -5,29 +5,32 @@ A tiny random BERT (2 layers, width 32) replaces the MiniLM weights to keep comp
 the tokenizer is still the bundled MiniLM one. The mesh spans the 8 host CPU devices.
 """
 
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import portpicker
 import pytest
 
 from signclip_jax import checkpoint as ckpt_lib
+from signclip_jax import run as run_lib
 from signclip_jax.errors import UserError
+from signclip_jax.evaluation import cli as evaluate_cli
 from signclip_jax.train import loop as train_lib
+from signclip_jax.train import preemption, sharding
 from tests.helpers import ROOT, load_config, tiny_config
 
 pytestmark = pytest.mark.slow
 
 
 def _params(workdir: Path, step: int):
-    import jax
-
     step_dir = workdir / "checkpoints" / str(step) / "params"
-    import orbax.checkpoint as ocp
-
     with ocp.StandardCheckpointer() as c:
         tree = c.restore(step_dir)
     return jax.tree.map(np.asarray, tree)
@@ -83,11 +86,16 @@ def test_train_writes_workdir_and_resumes_exactly(
     train_rows = [r for r in rows if r.get("split") == "train"]
     assert [r["step"] for r in train_rows] == [2, 4] and all("loss" in r for r in train_rows)
     val = [r for r in rows if r.get("split") == "val"]
-    assert val and "v2t/R@1" in val[-1] and "t2v/R@1" in val[-1]
+    # The default config.evals: the validation of old, key for key (and no other evaluator).
+    assert {r.get("split") for r in rows} == {"train", "val"}
+    assert [r["step"] for r in val] == [4] and list(val[-1]) == ["step", "split", *VAL_KEYS]
+    assert np.isfinite([val[-1][k] for k in VAL_KEYS]).all()
+    meta = ckpt_lib.Checkpointer(straight).read_meta(4)["metrics"]
+    assert meta == pytest.approx({f"val/{k}": val[-1][k] for k in VAL_KEYS})
 
     # Stopped by a signal after 2 steps, then resumed: same parameters, bit for bit.
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(ckpt_lib, "PreemptionGuard", lambda: _StopAfter(1))
+    monkeypatch.setattr(preemption, "PreemptionGuard", lambda: _StopAfter(1))
     first = train_lib.train(tiny_config(synthetic_dir), str(resumed))
     assert first["step"] == 2
     assert ckpt_lib.Checkpointer(resumed).all_steps() == [2]
@@ -104,6 +112,18 @@ def test_train_writes_workdir_and_resumes_exactly(
     assert loss_a == loss_b
 
 
+VAL_KEYS = [
+    "loss",
+    *(f"t2v/{m}@{k}" for k in (1, 5, 10) for m in ("R", "P")),
+    "t2v/MedianR",
+    "t2v/MeanR",
+    *(f"v2t/R@{k}" for k in (1, 5, 10)),
+    "v2t/MedianR",
+    "v2t/MeanR",
+    "examples",
+]
+
+
 def _flatten(tree, prefix=""):
     out = {}
     if isinstance(tree, dict):
@@ -117,8 +137,6 @@ def _flatten(tree, prefix=""):
 def test_bfloat16_training_feeds_bfloat16_poses(tmp_path, synthetic_dir, monkeypatch):
     # data.pose_dtype "auto" with model.dtype bfloat16: train and validation batches carry
     # bf16 poses (half the bytes), and the run trains (finite loss, validation metrics).
-    from signclip_jax.train import sharding
-
     fed = []
     shard_batch = sharding.shard_batch
 
@@ -138,6 +156,37 @@ def test_bfloat16_training_feeds_bfloat16_poses(tmp_path, synthetic_dir, monkeyp
     assert any(r.get("split") == "val" for r in rows)
 
 
+def test_zero_shot_while_training_is_the_evaluate_commands_zero_shot(tmp_path, synthetic_dir):
+    # Opt-in evaluator: config.evals.zeroshot (off by default). It logs under its own name,
+    # joins the checkpoint metrics, and gives the numbers of `evaluate --tasks=zeroshot`.
+    config = tiny_config(synthetic_dir, total_steps=2)
+    config.eval_every_steps = 2
+    config.data.workers = 0
+    config.evals.zeroshot.every_steps = 0  # as often as val
+    workdir = tmp_path / "w"
+    train_lib.train(config, str(workdir))
+    rows = _metrics(workdir)
+    zs = [r for r in rows if r.get("split") == "zeroshot"]
+    val = [r for r in rows if r.get("split") == "val"]
+    assert [r["step"] for r in zs] == [r["step"] for r in val] == [2]
+    zs, val = zs[0], val[0]
+    assert set(zs) == {"step", "split", "top1", "top5", "top10", "MedianR", "MeanR",
+                       "classes", "examples"}  # fmt: skip
+    assert zs["examples"] == val["examples"] and zs["classes"] >= 2
+    for k in (1, 5, 10):  # one language, the split's own classes: zero-shot top-k is V2T R@k
+        assert zs[f"top{k}"] == pytest.approx(val[f"v2t/R@{k}"])
+    meta = ckpt_lib.Checkpointer(workdir).read_meta(2)["metrics"]
+    assert meta["zeroshot/top1"] == zs["top1"] and meta["val/loss"] == val["loss"]
+
+    opts = evaluate_cli.Options(
+        workdir=str(workdir), split="val", tasks=("zeroshot",), out=str(tmp_path / "eval"),
+        batch_size=8, plot=False, save_embeddings=False,
+    )  # fmt: skip
+    command = evaluate_cli.run_evaluation(opts)["zeroshot"]
+    for k in ("top1", "top5", "top10", "MedianR", "MeanR", "classes", "examples"):
+        assert command[k] == pytest.approx(zs[k]), k
+
+
 def test_batch_not_divisible_is_a_clear_error(tmp_path, synthetic_dir):
     config = tiny_config(synthetic_dir)
     config.batch_size = 12  # 8 devices
@@ -146,10 +195,6 @@ def test_batch_not_divisible_is_a_clear_error(tmp_path, synthetic_dir):
 
 
 def _run_cli(*args, env_extra=None):
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-m", "signclip_jax.train", *args],
@@ -209,8 +254,6 @@ def _logged_losses(workdir):
 
 
 def _subprocess_env(**extra):
-    import os
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra}
     env.pop("XLA_FLAGS", None)
     return env
@@ -218,8 +261,6 @@ def _subprocess_env(**extra):
 
 def test_one_device_matches_eight_devices(tmp_path, synthetic_dir, straight_run):
     """Same seed, same data: the loss trajectory on 1 device equals the 8-device one."""
-    import subprocess
-    import sys
 
     eight, _ = straight_run
     one = tmp_path / "one"
@@ -242,10 +283,6 @@ def test_two_processes_match_one_process(tmp_path, synthetic_dir):
     global batch holds the same examples in another row order; the loss does not depend on
     row order, but dropout masks do.
     """
-    import subprocess
-    import sys
-
-    import portpicker
 
     single = tmp_path / "single"
     result = subprocess.run(
@@ -284,7 +321,6 @@ def test_two_processes_match_one_process(tmp_path, synthetic_dir):
 
 def _manifest_from(workdir: Path, path: Path) -> Path:
     """A manifest CSV (pose, text, split) over the synthetic clips a tiny run trained on."""
-    import csv
 
     config = json.loads((workdir / "config.json").read_text())
     synthetic = Path(config["data"]["synthetic_dir"])
@@ -341,8 +377,6 @@ def test_finetune_from_a_checkpoint_step_and_config_errors(tmp_path, tiny_workdi
     with pytest.raises(UserError, match="no checkpoints"):
         train_lib.train(config, str(tmp_path / "ft"))
     # A step directory works as init_from too (its workdir supplies config and tokenizer).
-    from signclip_jax import run as run_lib
-
     run_dir, step_dir = run_lib.resolve_run_dir(tiny_workdir / "checkpoints" / "2")
     assert run_dir == tiny_workdir and step_dir.name == "2"
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 import sys
 
-# `python path/to/video_worker.py` puts the script's folder (signclip_jax/) first on sys.path;
-# its modules (config.py, data/, model/, ...) must not shadow anything the video env imports.
+# `python path/to/video_worker.py` puts the script's folder (signclip_jax/data/) first on
+# sys.path; its modules (pose.py, text.py, ...) must not shadow what the video env imports.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
@@ -35,6 +35,10 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+
+# The video stack (cv2, mediapipe, numpy<2, pose_format) is imported where it is used:
+# `_require_packages` turns a missing one into exit status EXIT_ENV before any video is tried.
 
 RESULT_PREFIX = "@@signclip-video "
 EXIT_ENV = 3  # a package of requirements-video.txt is missing or broken
@@ -170,8 +174,6 @@ def convert(src: str, dst: str, *, model_complexity: int, refine_face_landmarks:
 
 def check() -> dict:
     """Versions and the shipped Holistic model files, to verify the environment."""
-    from importlib.metadata import version
-
     import cv2
     import mediapipe
     import numpy

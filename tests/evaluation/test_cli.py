@@ -1,6 +1,8 @@
-"""The evaluation suite: config overrides, flip, zero-shot, per-language retrieval, files, and
-end to end on the tiny trained workdir (its numbers equal training's own validation)."""
+"""The evaluate command (evaluation/cli.py): options, config overrides, flip, files, and end
+to end on the tiny trained workdir, whose numbers equal training's own validation (one
+evaluation path: the same evaluators)."""
 
+import csv
 import dataclasses
 import json
 import os
@@ -11,15 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from signclip_jax import run as run_lib
+from signclip_jax.data import augment, pipeline, pose, sources
 from signclip_jax.errors import UserError
-from signclip_jax.evaluation import evaluate as ev
-from signclip_jax.evaluation import metrics
+from signclip_jax.evaluation import cli as ev
+from signclip_jax.evaluation import metrics, report, retrieval
+from signclip_jax.serving import embedder as embedder_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------
-# Pieces without a model.
+# Options.
 
 
 def test_parse_args_collects_config_overrides_and_rejects_unknown_flags(capsys):
@@ -39,131 +44,8 @@ def test_parse_args_collects_config_overrides_and_rejects_unknown_flags(capsys):
         assert err.startswith("error:") and err.count("\n") == 1
     with pytest.raises(UserError, match="unknown task"):
         ev._check_options(ev.Options(workdir="w", tasks=("retrieval", "nope")))
-
-
-def _pose_array(rng, spec, *, right_hand: bool, frames=12):
-    from signclip_jax.data.pose import RIGHT_HAND, PoseArray, layout
-
-    lay = layout(spec.components)
-    points = rng.normal(size=(frames, len(lay.points), 3)).astype(np.float32)
-    observed = np.ones(points.shape[:2], bool)
-    points[:, lay.legs] = 0
-    if not right_hand:
-        slots = [i for i, (c, _) in enumerate(lay.points) if c == RIGHT_HAND]
-        points[:, slots] = 0
-        observed[:, slots] = False
-    return PoseArray(points=points, observed=observed, fps=25.0)
-
-
-class _ListSource:
-    def __init__(self, records):
-        self.records = records
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        return dict(self.records[i])
-
-
-def test_mirrored_source_flips_poses_without_a_right_hand():
-    from signclip_jax.data import augment
-    from signclip_jax.data.pose import PoseSpec
-
-    spec = PoseSpec()
-    rng = np.random.default_rng(0)
-    left_handed = _pose_array(rng, spec, right_hand=False)
-    right_handed = _pose_array(rng, spec, right_hand=True)
-    assert ev.right_hand_missing(left_handed, spec)
-    assert not ev.right_hand_missing(right_handed, spec)
-    records = [
-        {"id": "l", "text": "a", "points": left_handed.points,
-         "observed": left_handed.observed, "fps": 25.0},
-        {"id": "r", "text": "b", "points": right_handed.points,
-         "observed": right_handed.observed, "fps": 25.0},
-        {"id": "f", "text": "c", "features": np.zeros((3, spec.feature_dim), np.float32)},
-    ]  # fmt: skip
-    src = ev.MirroredSource(_ListSource(records), spec, "right")
-    out = [src[i] for i in range(3)]
-    assert src.flipped == {0}
-    want = augment.flip_horizontal(left_handed, spec)
-    np.testing.assert_array_equal(out[0]["points"], want.points)
-    np.testing.assert_array_equal(out[1]["points"], right_handed.points)
-    assert out[0]["text"] == "a" and out[0]["id"] == "l"
-    assert "cannot be mirrored" in out[2]["error"]  # counted as a skipped example downstream
-    always = ev.MirroredSource(_ListSource(records[:2]), spec, "always")
-    np.testing.assert_array_equal(
-        always[1]["points"], augment.flip_horizontal(right_handed, spec).points
-    )
-    assert always.flipped == {1}
-
-
-def test_evaluate_retrieval_per_language_equals_subsets():
-    rng = np.random.default_rng(0)
-    n = 30
-    langs = ["ase" if i % 3 else "bfi" for i in range(n)]
-    texts = [f"<en> <{lang}> w{rng.integers(0, 5)}" for lang in langs]
-    pose, text = rng.normal(size=(n, 6)), rng.normal(size=(n, 6))
-    out = ev.evaluate_retrieval(pose, text, texts, languages=langs, block_elems=7)
-    assert {k: out[k] for k in metrics.retrieval_metrics(pose, text, texts)} == (
-        metrics.retrieval_metrics(pose, text, texts)
-    )
-    for lang in ("ase", "bfi"):
-        rows = [i for i in range(n) if langs[i] == lang]
-        sub = metrics.retrieval_metrics(pose[rows], text[rows], [texts[i] for i in rows])
-        assert {k: out[f"lang/{lang}/{k}"] for k in sub} == sub
-        assert out[f"lang/{lang}/examples"] == len(rows)
-    assert not any(k.startswith("lang/") for k in ev.evaluate_retrieval(pose, text, texts))
-
-
-def test_zero_shot_ranks_each_pose_against_its_languages_class_prompts():
-    rng = np.random.default_rng(1)
-    vocab = ["house", "sun", "tree"]
-    groups = [("en", "ase")] * 5 + [("en", "bfi")] * 4
-    gold_text = [vocab[i] for i in rng.integers(0, 3, size=len(groups))]
-
-    def render(text, spoken, signed):
-        return f"<{spoken}> <{signed}> {text}"
-
-    table = {render(t, *g): rng.normal(size=4) for t in vocab for g in set(groups)}
-    pose = rng.normal(size=(len(groups), 4))
-    gold = [render(t, *g) for t, g in zip(gold_text, groups)]
-    out = ev.zero_shot(pose, gold, groups, vocab, render, lambda ps: {p: table[p] for p in ps})
-    ranks = []
-    for j, g in enumerate(groups):  # brute force: stable sort of the group's class scores
-        scores = [table[render(t, *g)] @ pose[j] for t in vocab]
-        order = np.argsort(-np.array(scores), kind="stable")
-        ranks.append(int(np.nonzero(order == vocab.index(gold_text[j]))[0][0]))
-    assert out["top1"] == pytest.approx(np.mean(np.array(ranks) < 1))
-    assert out["MeanR"] == pytest.approx(np.mean(ranks) + 1)
-    assert out["classes"] == 3 and out["examples"] == 9
-    assert set(out["by_language"]) == {"en/ase", "en/bfi"}
-    assert out["by_language"]["en/bfi"]["examples"] == 4
-    # One language, vocabulary = the split's texts: zero-shot top-k is V2T R@k.
-    one = [("en", "ase")] * len(groups)
-    gold1 = [render(t, "en", "ase") for t in gold_text]
-    vocab1 = list(dict.fromkeys(gold_text))
-    z = ev.zero_shot(pose, gold1, one, vocab1, render, lambda ps: {p: table[p] for p in ps})
-    text_emb = np.stack([table[p] for p in gold1])
-    v2t = metrics.retrieval_metrics(pose, text_emb, gold1)
-    assert [z[f"top{k}"] for k in (1, 5, 10)] == [v2t[f"v2t/R@{k}"] for k in (1, 5, 10)]
-
-
-def test_default_shots():
-    assert ev.default_shots(["a"] * 11 + ["b"], ["a", "b"]) == (1, 5, 10, 100)
-    assert ev.default_shots(["a"] * 10 + ["c"] * 30, ["a", "b"]) == (1, 5, 10)
-
-
-def test_plot_and_atomic_writes(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(2)
-    ev.plot_map(tmp_path / "m.png", rng.normal(size=(40, 8)), [f"c{i % 25}" for i in range(40)],
-                rng.normal(size=(25, 8)), [f"c{i}" for i in range(25)], max_points=30)  # fmt: skip
-    with Image.open(tmp_path / "m.png") as im:
-        im.verify()
-        assert im.format == "PNG" and im.size[0] > 100
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["m.png"]
+    both = ev.parse_args(["--workdir=w", "--checkpoint=w/checkpoints/2"])  # the contract
+    assert (both.workdir, both.checkpoint) == ("w", "w/checkpoints/2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,9 +54,6 @@ def test_plot_and_atomic_writes(tmp_path):
 
 @pytest.fixture(scope="module")
 def embedder(tiny_workdir):
-    from signclip_jax import run as run_lib
-    from signclip_jax.serving import embedder as embedder_lib
-
     return embedder_lib.Embedder(run_lib.load_run(tiny_workdir), batch_size=8)
 
 
@@ -253,11 +132,9 @@ def test_recognition_tasks(evaluated):
 
 
 def test_flip_always_mirrors_every_pose(embedder, tiny_workdir):
-    from signclip_jax.data import augment, pipeline, pose, sources
-
     run = embedder.run
-    plain = ev.embed_split(run, embedder, "val", batch_size=8)
-    flipped = ev.embed_split(run, embedder, "val", flip="always", batch_size=8)
+    plain = ev.embed_run_split(run, embedder, "val", batch_size=8)
+    flipped = ev.embed_run_split(run, embedder, "val", flip="always", batch_size=8)
     assert flipped.flipped.all() and flipped.prompts == plain.prompts
     source = sources.make_source(run.config.data, split="val", workdir=str(tiny_workdir))
     spec = run.settings.spec
@@ -268,9 +145,9 @@ def test_flip_always_mirrors_every_pose(embedder, tiny_workdir):
     ]  # fmt: skip
     np.testing.assert_allclose(flipped.pose, embedder.embed_features(feats), atol=1e-5)
     assert np.abs(flipped.pose - plain.pose).max() > 1e-3
-    right = ev.embed_split(run, embedder, "val", flip="right", batch_size=8)
+    right = ev.embed_run_split(run, embedder, "val", flip="right", batch_size=8)
     arrays = [pipeline.record_pose_array(source[i], spec) for i in right.source_index]
-    assert list(right.flipped) == [ev.right_hand_missing(a, spec) for a in arrays]
+    assert list(right.flipped) == [retrieval.right_hand_missing(a, spec) for a in arrays]
     same = ~right.flipped
     np.testing.assert_allclose(right.pose[same], plain.pose[same], atol=1e-6)
     np.testing.assert_allclose(right.pose[~same], flipped.pose[~same], atol=1e-6)
@@ -281,20 +158,26 @@ def test_default_tasks_skip_fewshot_on_a_big_train_split(embedder, tmp_path, mon
     opts = ev.Options(split="val", out=str(tmp_path), plot=False, save_embeddings=False)
     results = ev.run_evaluation(opts, embedder=embedder)
     assert results["header"]["tasks"] == ["retrieval", "zeroshot"]
-    assert "fewshot" not in results and "fewshot and probe skipped" in ev.format_table(results)
+    assert "fewshot" not in results and "fewshot and probe skipped" in report.format_table(results)
     asked = ev.run_evaluation(
         dataclasses.replace(opts, tasks=("probe",), name="p"), embedder=embedder
     )
     assert "probe" in asked and "retrieval" not in asked
 
 
+def test_a_missing_plot_extra_is_a_warning(embedder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    opts = ev.Options(
+        split="val", tasks=("retrieval",), out=str(tmp_path), batch_size=8, save_embeddings=False
+    )
+    results = ev.run_evaluation(opts, embedder=embedder)
+    assert "png" not in results["files"] and not list(tmp_path.glob("*.png"))
+    assert (tmp_path / "val_step4.json").exists()
+
+
 def test_config_override_points_at_a_manifest_with_two_sign_languages(
     embedder, tiny_workdir, tmp_path
 ):
-    import csv
-
-    from signclip_jax.data import sources
-
     run = embedder.run
     train = sources.make_source(run.config.data, split="train", workdir=str(tiny_workdir))
     with open(tmp_path / "m.csv", "w", newline="") as f:
@@ -316,7 +199,7 @@ def test_config_override_points_at_a_manifest_with_two_sign_languages(
     r = results["retrieval"]
     assert r["lang/ase/examples"] + r["lang/bfi/examples"] == len(train)
     assert set(results["zeroshot"]["by_language"]) == {"en/ase", "en/bfi"}
-    table = ev.format_table(results)
+    table = report.format_table(results)
     assert "retrieval by sign language" in table and "en/bfi" in table
     saved = json.loads((tmp_path / "m.json").read_text())
     assert saved["retrieval"]["lang/bfi/examples"] == r["lang/bfi/examples"]
@@ -329,10 +212,13 @@ def test_config_override_points_at_a_manifest_with_two_sign_languages(
 
 def test_decoded_grouping_limit_and_wider_zero_shot_vocabulary(embedder, tmp_path):
     run = embedder.run
-    keys = ev.class_key_fn(run, "decoded")(["<en> <ase> House", "<en> <ase> house"])
+    key_fn = retrieval.class_key_fn(run.tokenizer, run.settings, "decoded")
+    keys = key_fn(["<en> <ase> House", "<en> <ase> house"])
     assert keys[0] == keys[1] == "< en > < ase > house"  # the uncased tokenizer merges them
-    assert ev.class_key_fn(run, "prompt")(["a", "A"]) == ["a", "A"]
-    assert len(ev.embed_split(run, embedder, "train", batch_size=8, limit=3)) == 3
+    assert retrieval.class_key_fn(run.tokenizer, run.settings)(["a", "A"]) == ["a", "A"]
+    with pytest.raises(UserError, match="group_by must be one of"):
+        retrieval.class_key_fn(run.tokenizer, run.settings, "nope")
+    assert len(ev.embed_run_split(run, embedder, "train", batch_size=8, limit=3)) == 3
     opts = ev.Options(
         split="val", tasks=("zeroshot",), zeroshot_vocab="all", out=str(tmp_path), batch_size=8,
         plot=False, save_embeddings=False, group_by="decoded",

@@ -1,0 +1,325 @@
+"""The Flask (WSGI) app of one server worker: `create_app()` and the `ModelHost` behind it.
+
+Routes, JSON shapes and status codes: see signclip_jax/serving/server.py. JAX starts in the
+worker, after fork: the model loads in `ModelHost`'s thread, never at import, so gunicorn's
+master can import this module (`signclip_jax.serve:create_app()`) without starting JAX.
+Flask comes with the `serve` extra and is imported where the app is built.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from signclip_jax import extras
+from signclip_jax.errors import UserError
+from signclip_jax.serving.batcher import Batcher, QueueFull
+from signclip_jax.serving.settings import ServeSettings
+from signclip_jax.serving.validation import (
+    ApiError,
+    check_model_name,
+    check_texts,
+    decode_base64,
+    parse_json_body,
+    pose_features,
+    string_items,
+    video_pose_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+APP_LOAD_ERROR = 4  # gunicorn's exit code for "App failed to load": the master then stops
+
+
+# ---------------------------------------------------------------------------------- model host
+class ModelHost:
+    """Loads the model in a background thread, then holds the Embedder and the Batcher.
+
+    status: "loading" -> "ready" (loaded and, with warm_up, compiled) or "failed".
+    """
+
+    def __init__(self, settings: ServeSettings, *, exit_on_failure: bool = False):
+        self.settings = settings
+        self.exit_on_failure = exit_on_failure  # os._exit: the only way out of a thread
+        self.status = "loading"
+        self.error: str | None = None
+        self.info: dict[str, Any] = {}
+        self.embedder: Any = None
+        self.batcher: Batcher | None = None
+        self._thread = threading.Thread(target=self._load, name="signclip-load", daemon=True)
+
+    def start(self) -> ModelHost:
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> str:
+        self._thread.join(timeout)
+        return self.status
+
+    def _load(self) -> None:
+        s = self.settings
+        try:
+            start = time.monotonic()
+            from signclip_jax import run as run_lib  # jax starts here, in the worker, after fork
+            from signclip_jax.serving import embedder as embedder_lib
+
+            run = run_lib.load_run(s.workdir, s.checkpoint, which=s.which, dtype=s.dtype)
+            embedder = embedder_lib.Embedder(run, batch_size=s.batch_size)
+            loaded = time.monotonic()
+            if s.warm_up:
+                embedder.warm_up()
+            self.embedder = embedder
+            self.info = {
+                "model_name": s.model_name,
+                "checkpoint": str(run.step_dir),
+                "step": run.step,
+                "hidden_size": embedder.hidden_size,
+                "max_frames": embedder.spec.max_frames,
+                "feature_dim": embedder.spec.feature_dim,
+                "length_buckets": list(embedder.settings.lengths),
+                "batch_rows": list(embedder.row_sizes),
+                "devices": len(embedder.mesh.devices.flat),
+                "dtype": run.model_config.dtype,
+                "load_s": round(loaded - start, 2),
+                "warm_up_s": round(time.monotonic() - loaded, 2),
+            }
+            self.batcher = Batcher(
+                embedder,
+                batch_size=s.batch_size,
+                wait_s=s.batch_wait_ms / 1000,
+                max_queue=s.max_queue,
+            )
+            self.status = "ready"
+            log.info("model ready (pid %d): %s", os.getpid(), json.dumps(self.info))
+        except BaseException as e:  # reported through /ready or the exit code
+            self.error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            self.status = "failed"
+            if not isinstance(e, UserError):
+                log.exception("loading the model failed")
+            print(f"error: loading the model failed: {self.error}", file=sys.stderr, flush=True)
+            if self.exit_on_failure:
+                os._exit(APP_LOAD_ERROR)
+
+    def require_ready(self) -> None:
+        if self.status == "loading":
+            raise ApiError(503, "model is loading; retry shortly", {"Retry-After": "2"})
+        if self.status != "ready":
+            raise ApiError(503, f"model failed to load: {self.error}")
+
+    def embed(self, poses: Sequence[np.ndarray], texts: Sequence[str]):
+        """-> (pose embeddings [P, H], text embeddings [T, H]) float32, via the model thread."""
+        self.require_ready()
+        assert self.batcher is not None
+        try:
+            future = self.batcher.submit(poses, texts)
+        except QueueFull:
+            raise ApiError(
+                503, "server busy: too many requests waiting", {"Retry-After": "1"}
+            ) from None
+        try:
+            return future.result(timeout=self.settings.request_timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise ApiError(503, "timed out waiting for the model", {"Retry-After": "5"}) from None
+
+
+# ---------------------------------------------------------------------------------- requests
+def request_poses(body: dict[str, Any], host: ModelHost, *, required: bool) -> list[np.ndarray]:
+    """The `pose` (and `video`) items of a request -> features, in that order."""
+    s = host.settings
+    poses = string_items(body, "pose", s.max_items) or []
+    videos = string_items(body, "video", s.max_items) or []
+    if not poses and not videos:
+        if required:
+            raise ApiError(400, "missing field 'pose' (base64 of a .pose file, or a list)")
+        return []
+    if len(poses) + len(videos) > s.max_items:
+        raise ApiError(413, f"{len(poses) + len(videos)} poses; at most {s.max_items} per request")
+    blobs = [decode_base64(p, f"'pose'[{i}]") for i, p in enumerate(poses)]
+    names = [f"'pose'[{i}]" for i in range(len(poses))]
+    host.require_ready()  # the spec comes with the model
+    for i, v in enumerate(videos):
+        name = f"'video'[{i}]"
+        blobs.append(video_pose_bytes(decode_base64(v, name), name))
+        names.append(name)
+    spec = host.embedder.spec
+    return [
+        pose_features(b, spec, name=n, max_frames=s.max_pose_frames) for b, n in zip(blobs, names)
+    ]
+
+
+def request_texts(body: dict[str, Any], host: ModelHost) -> list[str]:
+    texts = string_items(body, "text", host.settings.max_items)
+    if texts is None:
+        raise ApiError(400, "missing field 'text' (a string or a list of strings)")
+    return check_texts(texts, host.settings.max_text_chars)
+
+
+def _read_body(request: Any, limit: int) -> bytes:
+    """The request body, or 413 when over `limit` bytes. Chunked bodies (no Content-Length) are
+    read up to limit + 1 bytes: werkzeug's own stream silently cuts them at the limit."""
+    from werkzeug.exceptions import RequestEntityTooLarge  # werkzeug comes with flask (extra)
+
+    if request.content_length is not None:
+        return request.get_data(cache=False)  # werkzeug answers 413 above max_content_length
+    if not request.environ.get("wsgi.input_terminated"):
+        return b""  # a server that cannot end a chunked body safely: werkzeug's rule
+    stream, chunks, total = request.environ["wsgi.input"], [], 0
+    while total <= limit:
+        chunk = stream.read(min(1 << 16, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > limit:
+        raise RequestEntityTooLarge()
+    return b"".join(chunks)
+
+
+def _drain_body(environ: dict[str, Any], limit: int) -> None:
+    """Reads and drops up to `limit` bytes of a refused body. Clients that send the whole body
+    before reading the answer (Python's http.client, urllib3) otherwise see a broken pipe
+    instead of the 413; beyond `limit` the connection is cut anyway."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length.isdigit() and int(length) > limit:
+        return
+    stream = environ.get("wsgi.input")
+    try:
+        while stream is not None and limit > 0:
+            chunk = stream.read(min(limit, 1 << 16))
+            if not chunk:
+                break
+            limit -= len(chunk)
+    except Exception:  # the client went away: nothing left to answer
+        pass
+
+
+# ---------------------------------------------------------------------------------- app
+def create_app(
+    settings: ServeSettings | None = None,
+    *,
+    host: ModelHost | None = None,
+    heartbeat: Callable[[], None] | None = None,
+):
+    """The Flask (WSGI) app of one worker. Settings default to `ServeSettings.from_env()`.
+
+    Loads the model (JAX starts here): call it after fork (gunicorn without --preload does),
+    never in a process that forks afterwards. With settings.wait_for_model it returns once the
+    model is warm, calling `heartbeat()` every second meanwhile (gunicorn's worker.notify);
+    a load failure then exits with code 4 (exit_on_load_error), which stops gunicorn.
+    `host`: an already started ModelHost (tests). MissingExtra when Flask is not installed.
+    """
+    flask = extras.require("flask", "serve", "serve")
+    from werkzeug.exceptions import HTTPException  # werkzeug comes with flask
+
+    if settings is None:
+        settings = ServeSettings.from_env()
+    if not logging.getLogger().handlers:  # under gunicorn: our INFO lines, others' warnings
+        logging.basicConfig(level=logging.WARNING, format="[%(process)d] %(levelname)s %(message)s")
+        logging.getLogger("signclip_jax").setLevel(logging.INFO)
+    if host is None:
+        background = not settings.wait_for_model
+        host = ModelHost(settings, exit_on_failure=background and settings.exit_on_load_error)
+        host.start()
+        if settings.wait_for_model:
+            while host.wait(1.0) == "loading":
+                if heartbeat:
+                    heartbeat()
+            if host.status == "failed" and settings.exit_on_load_error:
+                sys.exit(APP_LOAD_ERROR)
+
+    app = flask.Flask("signclip_jax.serve")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["signclip"] = host
+
+    def error(status: int, message: str, headers: dict[str, str] | None = None):
+        response = flask.jsonify({"error": message, "status": status})
+        response.status_code = status
+        response.headers.update(headers or {})
+        return response
+
+    @app.errorhandler(ApiError)
+    def _api_error(e: ApiError):
+        return error(e.status, e.message, e.headers)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        message = e.description or e.name
+        if e.code == 413:
+            _drain_body(flask.request.environ, 4 * settings.max_body_bytes)
+            message = f"request body over the limit of {settings.max_body_bytes} bytes"
+        response = error(e.code or 500, message)
+        if e.code == 405 and getattr(e, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(e.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def _internal(e: Exception):
+        log.exception("unhandled error on %s %s", flask.request.method, flask.request.path)
+        return error(500, "internal server error")
+
+    @app.after_request
+    def _cors(response):
+        # As flask_cors(app) does for the original's /api/*: any origin.
+        if flask.request.path.startswith("/api/"):
+            response.headers["Access-Control-Allow-Origin"] = "*"
+            if flask.request.method == "OPTIONS":
+                response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+                response.headers["Access-Control-Allow-Headers"] = flask.request.headers.get(
+                    "Access-Control-Request-Headers", "Content-Type"
+                )
+                response.headers["Access-Control-Max-Age"] = "86400"
+        return response
+
+    def body() -> dict[str, Any]:
+        data = parse_json_body(_read_body(flask.request, settings.max_body_bytes))
+        check_model_name(data, settings.model_name)
+        return data
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    def ready():
+        if host.status == "ready":
+            stats = {"requests": host.batcher.requests, "model_calls": host.batcher.batches}
+            return {"status": "ready", **host.info, **stats}
+        payload = {"status": host.status}
+        if host.error:
+            payload["error"] = host.error
+        return flask.jsonify(payload), 503
+
+    @app.route("/api/embed/<modality>", methods=["GET", "POST"])
+    def embed(modality: str):
+        if modality not in ("pose", "text"):
+            raise ApiError(404, f"unknown modality {modality!r}: use /api/embed/pose or /text")
+        data = body()
+        if modality == "text":
+            _, emb = host.embed([], request_texts(data, host))
+        else:
+            emb, _ = host.embed(request_poses(data, host, required=True), [])
+        return {"embeddings": emb.tolist()}
+
+    @app.route("/api/score", methods=["GET", "POST"])
+    def score():
+        data = body()
+        texts = request_texts(data, host)
+        pose_emb, text_emb = host.embed(request_poses(data, host, required=True), texts)
+        # Raw dot products, as the original's score_pose_and_text (section 9.2).
+        return {"scores": (pose_emb @ text_emb.T).tolist()}
+
+    return app
+
+
+__all__ = ["APP_LOAD_ERROR", "ApiError", "ModelHost", "create_app"]

@@ -1,0 +1,85 @@
+"""What one server worker needs: `ServeSettings`, from flags or SIGNCLIP_* environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from signclip_jax.errors import UserError
+
+ENV_PREFIX = "SIGNCLIP_"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """What one worker needs. `from_env()` reads each field from SIGNCLIP_<FIELD> (upper case),
+    e.g. SIGNCLIP_WORKDIR, SIGNCLIP_BATCH_SIZE, SIGNCLIP_MAX_BODY_BYTES."""
+
+    workdir: str | None = None
+    checkpoint: str | None = None  # a step directory; wins over workdir
+    which: str = "latest"  # checkpoint of workdir: latest or best
+    dtype: str | None = None  # compute dtype override, e.g. bfloat16
+    model_name: str = "default"  # the `model_name` requests may give
+    batch_size: int = 32  # rows per model call and tower
+    batch_wait_ms: float = 2.0  # how long the model thread waits for more requests to merge
+    max_queue: int = 256  # requests waiting for the model before new ones get 503
+    request_timeout_s: float = 120.0  # a request waiting longer for the model gets 503
+    max_body_bytes: int = 16 * 2**20  # whole request body (base64 inflates .pose bytes by 4/3)
+    max_items: int = 64  # poses (+ videos) or texts per request
+    max_text_chars: int = 2000  # per text (the tokenizer keeps text_max_len word pieces anyway)
+    max_pose_frames: int = 10_000  # per pose file; frames past max_frames are ignored anyway
+    warm_up: bool = True  # compile every shape before /ready says ready
+    # create_app() returns once the model is ready, so a gunicorn worker accepts connections
+    # only when it can answer them (gunicorn's --timeout must exceed the load time unless a
+    # heartbeat is given, as `python -m signclip_jax.serve` does). False: load in the
+    # background, answer 503 and let /ready tell a load balancer when to send traffic.
+    wait_for_model: bool = True
+    exit_on_load_error: bool = True  # a worker without a model exits (gunicorn then stops)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            key = ENV_PREFIX + field.name.upper()
+            if key in environ:
+                values[field.name] = _parse_env(key, environ[key], field.default)
+        values.update(overrides)
+        return cls(**values).validated()
+
+    def validated(self) -> ServeSettings:
+        if not self.workdir and not self.checkpoint:
+            raise UserError(
+                "no model: give --workdir=DIR or --checkpoint=STEP_DIR"
+                f" ({ENV_PREFIX}WORKDIR or {ENV_PREFIX}CHECKPOINT for create_app())"
+            )
+        if self.which not in ("latest", "best"):
+            raise UserError(f"which must be 'latest' or 'best', got {self.which!r}")
+        for name in ("batch_size", "max_queue", "max_body_bytes", "max_items", "max_text_chars",
+                     "max_pose_frames"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_wait_ms < 0 or self.request_timeout_s <= 0:
+            raise UserError("batch_wait_ms must be >= 0 and request_timeout_s > 0")
+        return self
+
+
+def _parse_env(key: str, raw: str, default: Any) -> Any:
+    raw = raw.strip()
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise UserError(f"{key}={raw!r}: expected a {type(default).__name__}") from None
+    return raw or default  # empty: the default (None for paths)
+
+
+__all__ = ["ENV_PREFIX", "ServeSettings"]
