@@ -20,6 +20,14 @@ import urllib.parse
 from collections.abc import Sequence
 
 import numpy as np
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from transformers import AutoTokenizer
 
 from signclip_jax.errors import UserError
 from signclip_jax.extras import require
@@ -82,12 +90,7 @@ def hub_offline() -> bool:
         os.environ.get(k, "").lower() in truthy for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     ):
         return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover
-        return False
+    return bool(hf_constants.HF_HUB_OFFLINE)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -124,8 +127,6 @@ def _offline_error(name: str, what: str, cause: Exception | None = None) -> User
 
 def hub_cached(name: str, filename: str) -> str | None:
     """Path of `filename` of hub model `name` in the local HF cache, or None. No network."""
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         found = try_to_load_from_cache(name, filename)
     except Exception:  # an invalid repo id, for instance
@@ -136,13 +137,6 @@ def hub_cached(name: str, filename: str) -> str | None:
 def hub_file(name: str, filename: str) -> str | None:
     """Path of `filename` of hub model `name`: from the cache, else downloaded when the hub is
     reachable. None when the repository has no such file; UserError when offline and uncached."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
     cached = hub_cached(name, filename)
     if cached is not None:
         return cached
@@ -165,8 +159,6 @@ def load_tokenizer(name_or_path: str):
 
     Never waits on an unreachable hub: offline and uncached -> UserError saying what to do.
     """
-    from transformers import AutoTokenizer
-
     path = resolve_text_model(name_or_path)
     if is_local(path):
         try:

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from signclip_jax import files
 from signclip_jax.data.synthetic import write_synthetic_dataset
 from signclip_jax.errors import UserError
 
@@ -44,7 +45,6 @@ def ensure_synthetic(
     csv_path = Path(
         write_synthetic_dataset(directory, num_signs=num_signs, signers=signers, seed=seed, **extra)
     )
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"params": params, "csv": os.path.relpath(csv_path, directory)}))
-    os.replace(tmp, marker)
+    info = {"params": params, "csv": os.path.relpath(csv_path, directory)}
+    files.write_json_atomic(marker, info)
     return csv_path
