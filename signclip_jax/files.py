@@ -7,6 +7,7 @@ objects are written whole by the object store. Paths may be local or `gs://` (et
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import numpy as np
 from etils import epath
 
 from signclip_jax import extras
+from signclip_jax.errors import UserError
 
 # Containers that the video -> pose tool reads (ffmpeg via OpenCV); matched case-insensitively.
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".wmv",
@@ -50,6 +52,25 @@ def as_path(path: str | os.PathLike) -> epath.Path:
 def is_video(path_or_name: str | os.PathLike) -> bool:
     """True when the name ends in a video extension (case-insensitive): .mp4, .mov, .webm, ..."""
     return Path(os.fspath(path_or_name)).suffix.lower() in VIDEO_SUFFIXES
+
+
+def check_writable_dir(folder: str | os.PathLike, what: str) -> None:
+    """Creates local `folder` if needed and makes sure a file can be created in it (a probe
+    file, removed at once), so that a command fails before its work, not after it. UserError
+    "{what}: cannot write in {folder} (reason)" otherwise. gs:// URLs are not checked (the
+    object store answers at the first write)."""
+    if is_remote(folder):
+        return
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from signclip_jax import files
+from signclip_jax.errors import UserError
 
 
 def test_write_json_atomic_replaces_and_leaves_no_temporary(tmp_path):
@@ -105,3 +107,41 @@ def test_a_gs_path_without_gcsfs_names_the_extra(monkeypatch):
         files.as_path("gs://b/run")
     with pytest.raises(UserError, match=r"signclip-jax\[gcs\]"):
         files.write_bytes_atomic("gs://b/run/x.json", b"{}")
+
+
+def test_check_writable_dir_creates_the_folder_and_leaves_nothing(tmp_path):
+    target = tmp_path / "a" / "b"
+    files.check_writable_dir(target, "--workdir")
+    assert target.is_dir() and list(target.iterdir()) == []
+    files.check_writable_dir(target, "--workdir")  # an existing folder is fine too
+    files.check_writable_dir("gs://bucket/run", "--workdir")  # object stores are not probed
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "proc", "proc_sub", "read_only"])
+def test_check_writable_dir_refuses_with_one_line(tmp_path, where):
+    """Paths that fail for root too (CI runs as root, where chmod does not stop writes)."""
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    folder = {
+        "file": a_file,
+        "under_file": a_file / "sub",
+        "proc": Path("/proc"),
+        "proc_sub": Path("/proc/signclip-x"),
+        "read_only": tmp_path / "ro",
+    }[where]
+    if where.startswith("proc") and not Path("/proc/self").exists():
+        pytest.skip("needs Linux /proc")
+    if where == "read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        folder.mkdir()
+        folder.chmod(0o555)
+    try:
+        with pytest.raises(UserError) as info:
+            files.check_writable_dir(folder, "--out x.npz")
+    finally:
+        if where == "read_only":
+            folder.chmod(0o755)
+    message = str(info.value)
+    assert message.startswith(f"--out x.npz: cannot write in {folder} (") and "\n" not in message
+    assert a_file.read_text() == "x"

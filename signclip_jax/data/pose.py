@@ -31,10 +31,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 from pose_format import Pose
+from pose_format.pose_header import PoseHeader
+from pose_format.utils.reader import BufferReader
 
 from signclip_jax.errors import DataError, UserError
 
@@ -204,21 +207,280 @@ def layout(components: str) -> Layout:
     return Layout(points, legs, shoulders, flip_source)
 
 
-def read_pose(source: str | os.PathLike | bytes, *, name: str | None = None) -> Pose:
-    """Reads a `.pose` file (path or bytes); any failure becomes a DataError naming it."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        name = name or "<pose bytes>"
-        data = bytes(source)
-    else:
-        name = name or str(source)
+# ------------------------------------------------------------- reading .pose bytes, bounded
+# pose-format decodes a body with the sizes its header declares. An old-format (v0.0) file
+# spends 2 bytes on a frame without a person and pose-format fills that frame with float64
+# zeros, so a 150 KB file can declare 65,535 frames and cost gigabytes; the point count of a
+# header multiplies every frame. `pose_extent` reads what a file declares with struct alone
+# (no arrays, no objects per point) and `read_pose` refuses, before pose-format allocates
+# anything, a file whose body cannot fit its byte length or whose decoding would pass these
+# limits. Real MediaPipe Holistic recordings have 543 to 586 points and a 15 KB header.
+MAX_POSE_FRAMES = 100_000  # frames per file (about 55 minutes at 30 fps)
+MAX_POSE_POINTS = 4_096  # points per person, all components together
+MAX_POSE_HEADER_BYTES = 2**20  # header (component, point and limb names, colours)
+MAX_POSE_ALLOC_BYTES = 2**30  # estimated peak memory pose-format needs to decode one file
+# Estimated bytes pose-format allocates per decoded value (measured with tracemalloc on
+# pose-format 0.15): v0.1/v0.2 keep float32 data and confidence plus boolean masks (about 5 per
+# value); v0.0 builds every frame separately, in float64 as soon as one frame has no person
+# (about 20 per value, plus about 1.5 KB of Python objects per frame).
+_ALLOC_PER_VALUE = 6
+_ALLOC_PER_VALUE_V0 = 20
+_ALLOC_PER_FRAME_V0 = 2048
+
+
+class PoseLimitError(DataError):
+    """A .pose file whose declared size passes a limit; refused before it is decoded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PoseExtent:
+    """What a .pose file declares, read without decoding its body.
+
+    version: format version (0.0, 0.1 or 0.2). header_bytes: where the body starts.
+    frames, people, points, dims: the body's [frames, people, points, dims] (people: per frame
+      in v0.1/v0.2, the most in any frame in v0.0, where only the first person is kept).
+    empty_frames: v0.0 frames without a person (2 bytes each, decoded as a frame of zeros).
+    body_bytes: bytes the body takes. alloc_bytes: estimated peak bytes pose-format allocates
+      to decode it (see _ALLOC_PER_VALUE).
+    """
+
+    version: float
+    header_bytes: int
+    frames: int
+    people: int
+    points: int
+    dims: int
+    empty_frames: int
+    body_bytes: int
+    alloc_bytes: int
+
+    def describe(self) -> str:
+        people = (
+            f"{self.frames} frames ({self.empty_frames} without a person)"
+            if self.version == 0
+            else f"{self.frames} frames x {self.people} people"
+        )
+        return f"{people} x {self.points} points x {self.dims + 1} values (format v{self.version})"
+
+
+class _Bytes:
+    """A cursor over .pose bytes whose reads past the end raise DataError naming the file."""
+
+    def __init__(self, data: bytes, name: str):
+        self.data, self.name, self.offset = data, name, 0
+        self.header_limit: int | None = None  # set while the header is read
+
+    def need(self, size: int, what: str) -> None:
+        if self.header_limit is not None and self.offset + size > self.header_limit:
+            raise PoseLimitError(
+                f"{self.name}: the header takes more than {self.header_limit} bytes"
+                " (MAX_POSE_HEADER_BYTES); a MediaPipe Holistic header takes about 15 KB"
+            )
+        if self.offset + size > len(self.data):
+            raise DataError(
+                f"{self.name}: not a readable .pose file (truncated or corrupt: {what} needs"
+                f" {size} bytes at byte {self.offset}; the file has {len(self.data)})"
+            )
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        size = struct.calcsize(fmt)
+        self.need(size, what)
+        values = struct.unpack_from(fmt, self.data, self.offset)
+        self.offset += size
+        return values
+
+    def skip(self, size: int, what: str) -> None:
+        self.need(size, what)
+        self.offset += size
+
+    def string(self, what: str) -> bytes:
+        (length,) = self.unpack("<H", what)
+        self.need(length, what)
+        self.offset += length
+        return self.data[self.offset - length : self.offset]
+
+
+def _scan_header(
+    cur: _Bytes, max_points: int, max_header_bytes: int
+) -> tuple[float, list[tuple[int, int]]]:
+    """Walks a header as `PoseHeader.read` lays it out -> (version, [(points, values per point)]
+    per component), refusing point counts and header sizes over the limits on the way."""
+    name = cur.name
+    cur.header_limit = max_header_bytes
+    (version,) = cur.unpack("<f", "the format version")
+    if not (version == 0 or round(version, 3) in (0.1, 0.2)):  # pose-format's own tests
+        raise DataError(
+            f"{name}: not a readable .pose file (unknown format version {version:.4g};"
+            " pose-format reads 0.0, 0.1 and 0.2)"
+        )
+    cur.skip(6, "the dimensions")  # width, height, depth: 3 x uint16
+    (count,) = cur.unpack("<H", "the component count")
+    components, total = [], 0
+    for c in range(count):
+        cur.string(f"the name of component {c}")
+        fmt = cur.string(f"the point format of component {c}")
         try:
-            data = Path(source).read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"{name}: pose file not found") from None
-        except OSError as e:
-            raise DataError(f"{name}: cannot read pose file ({e.strerror or e})") from None
+            values = len(fmt.decode("utf-8"))  # pose-format counts characters
+        except UnicodeDecodeError:
+            raise DataError(
+                f"{name}: not a readable .pose file (truncated or corrupt: the point format of"
+                f" component {c} is not UTF-8)"
+            ) from None
+        points, limbs, colors = cur.unpack("<HHH", f"the sizes of component {c}")
+        total += points
+        if total > max_points:
+            raise PoseLimitError(
+                f"{name}: the header declares at least {total} points per person; at most"
+                f" {max_points} are read (MAX_POSE_POINTS)"
+            )
+        for p in range(points):
+            cur.string(f"point name {p} of component {c}")
+        cur.skip(4 * limbs + 6 * colors, f"the limbs and colours of component {c}")
+        components.append((points, values))
+    cur.header_limit = None
+    if not components:
+        raise DataError(f"{name}: not a readable .pose file (the header declares no components)")
+    if max(v for _, v in components) < 2:
+        raise DataError(
+            f"{name}: not a readable .pose file (the point formats declare no coordinates)"
+        )
+    return version, components
+
+
+def pose_extent(
+    data: bytes,
+    *,
+    name: str = "<pose bytes>",
+    max_frames: int = MAX_POSE_FRAMES,
+    max_points: int = MAX_POSE_POINTS,
+    max_header_bytes: int = MAX_POSE_HEADER_BYTES,
+) -> PoseExtent:
+    """What `data` (a whole .pose file) declares, checked against its byte length.
+
+    Reads the header and the body's preamble as pose-format lays them out (v0.0 frame by
+    frame: each frame's person count), with struct only. DataError when the body cannot fit
+    the bytes; PoseLimitError as soon as the frames, points or header size pass a limit, so
+    a hostile header costs no more than reading it.
+    """
+    cur = _Bytes(data, name)
+    version, components = _scan_header(cur, max_points, max_header_bytes)
+    header_bytes = cur.offset
+    points = sum(p for p, _ in components)
+    dims = max(v for _, v in components) - 1
+
+    def check_frames(frames: int) -> None:
+        if frames > max_frames:
+            raise PoseLimitError(f"{name}: {frames} frames; at most {max_frames} per pose")
+
+    if version == 0:
+        _, frames = cur.unpack("<HH", "the frame count")
+        check_frames(frames)
+        person = 2 + 4 * sum(p * v for p, v in components)  # a person id, then its points
+        people = empty = 0
+        for f in range(frames):
+            (n,) = cur.unpack("<H", f"the person count of frame {f}")
+            cur.skip(n * person, f"the {n} people of frame {f}")
+            people, empty = max(people, n), empty + (n == 0)
+        alloc = frames * (_ALLOC_PER_FRAME_V0 + points * (dims + 1) * _ALLOC_PER_VALUE_V0)
+    else:
+        empty = 0
+        if round(version, 3) == 0.1:  # the frame count follows from the byte length
+            _, _, people = cur.unpack("<HHH", "the frame and person counts")
+            per_frame = people * points * (dims + 1) * 4
+            if per_frame == 0:
+                raise DataError(
+                    f"{name}: not a readable .pose file (it declares 0 people or 0 points)"
+                )
+            frames = int((len(data) - cur.offset) / per_frame)  # as pose-format computes it
+        else:
+            _, frames, people = cur.unpack("<fIH", "the frame and person counts")
+        check_frames(frames)
+        cur.skip(
+            frames * people * points * (dims + 1) * 4,
+            f"{frames} frames x {people} people x {points} points x {dims + 1} float32 values",
+        )
+        alloc = frames * people * points * (dims + 1) * _ALLOC_PER_VALUE
+    return PoseExtent(
+        version=round(version, 3),
+        header_bytes=header_bytes,
+        frames=frames,
+        people=people,
+        points=points,
+        dims=dims,
+        empty_frames=empty,
+        body_bytes=cur.offset - header_bytes,
+        alloc_bytes=alloc,
+    )
+
+
+def read_pose_header(path: str | os.PathLike) -> PoseHeader:
+    """The PoseHeader of a .pose or .poseheader file, reading no more than the header limit;
+    DataError naming the file when it cannot be read."""
+    name = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_POSE_HEADER_BYTES)
+    except OSError as e:
+        raise DataError(f"{name}: cannot read pose header ({e.strerror or e})") from None
+    cur = _Bytes(data, name)
+    _scan_header(cur, MAX_POSE_POINTS, MAX_POSE_HEADER_BYTES)
+    try:
+        return PoseHeader.read(BufferReader(data[: cur.offset]))
+    except Exception as e:
+        raise DataError(f"{name}: not a readable .pose header ({type(e).__name__}: {e})") from None
+
+
+def _pose_bytes(
+    source: str | os.PathLike | bytes, name: str | None, max_bytes: int
+) -> tuple[bytes, str]:
+    """(bytes, name) of a path or bytes; a file over `max_bytes` is refused before reading."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source), name or "<pose bytes>"
+    name = name or str(source)
+    try:
+        size = os.stat(source).st_size
+        if size > max_bytes:
+            raise PoseLimitError(
+                f"{name}: {size} bytes; a .pose file over {max_bytes} bytes would pass"
+                " MAX_POSE_ALLOC_BYTES"
+            )
+        data = Path(source).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{name}: pose file not found") from None
+    except OSError as e:
+        raise DataError(f"{name}: cannot read pose file ({e.strerror or e})") from None
+    return data, name
+
+
+def read_pose(
+    source: str | os.PathLike | bytes,
+    *,
+    name: str | None = None,
+    max_frames: int = MAX_POSE_FRAMES,
+    max_points: int = MAX_POSE_POINTS,
+    max_alloc_bytes: int = MAX_POSE_ALLOC_BYTES,
+) -> Pose:
+    """Reads a `.pose` file (path or bytes); any failure becomes a DataError naming it.
+
+    Every reader of .pose bytes comes here. What the file declares is checked first
+    (`pose_extent`): a body that cannot fit the bytes is a DataError, one over `max_frames`,
+    `max_points` or an estimated `max_alloc_bytes` of decoding a PoseLimitError, both raised
+    before pose-format allocates anything.
+    """
+    data, name = _pose_bytes(source, name, max_alloc_bytes)
     if not data:
         raise DataError(f"{name}: pose file is empty (0 bytes)")
+    extent = pose_extent(data, name=name, max_frames=max_frames, max_points=max_points)
+    if extent.alloc_bytes > max_alloc_bytes:
+        raise PoseLimitError(
+            f"{name}: decoding {extent.describe()} would take about"
+            f" {extent.alloc_bytes / 2**20:.0f} MiB; at most {max_alloc_bytes / 2**20:.0f} MiB"
+            " per pose"
+            + (
+                " (format v0.0 decodes a frame without a person as zeros)"
+                * bool(extent.empty_frames)
+            )
+        )
     try:
         pose = Pose.read(data)
         body = pose.body

@@ -30,6 +30,7 @@ from signclip_jax.serving.validation import (
     check_texts,
     decode_base64,
     parse_json_body,
+    pose_alloc_limit,
     pose_features,
     string_items,
     video_pose_bytes,
@@ -152,9 +153,10 @@ def request_poses(body: dict[str, Any], host: ModelHost, *, required: bool) -> l
         blobs.append(video_pose_bytes(decode_base64(v, name), name))
         names.append(name)
     spec = host.embedder.spec
-    return [
-        pose_features(b, spec, name=n, max_frames=s.max_pose_frames) for b, n in zip(blobs, names)
-    ]
+    # Frames, points and decoding memory are checked on the header, before pose-format
+    # allocates: a small file must not be able to declare gigabytes of zeros (issue 17).
+    limits = dict(max_frames=s.max_pose_frames, max_alloc_bytes=pose_alloc_limit(s.max_body_bytes))
+    return [pose_features(b, spec, name=n, **limits) for b, n in zip(blobs, names)]
 
 
 def request_texts(body: dict[str, Any], host: ModelHost) -> list[str]:

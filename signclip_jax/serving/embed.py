@@ -208,10 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name (e.g. {out}/emb.npz)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create its folder ({e.strerror or e})") from None
+    # Before any work: the npz is written only after every input is embedded.
+    files.check_writable_dir(os.path.dirname(args.out) or ".", f"--out {args.out}")
     pose_files = expand_poses(args.poses)
     texts = list(args.texts)
     for path in args.texts_file:

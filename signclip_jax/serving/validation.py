@@ -108,15 +108,38 @@ def decode_base64(value: str, what: str) -> bytes:
     return data
 
 
-def pose_features(data: bytes, spec: Any, *, name: str, max_frames: int) -> np.ndarray:
-    """.pose bytes -> features [min(T, spec.max_frames), D] exactly as `Embedder.pose_features`,
-    with the frame count checked before any per-frame work. ApiError 413/422 when unusable."""
+# Decoding one request's pose may take at most this many times the request body limit (128 MiB
+# at the default 16 MiB), never more than data/pose.py's MAX_POSE_ALLOC_BYTES. Any .pose that
+# fits a body decodes in about twice its size; only amplifying files (format v0.0 frames
+# without a person, 2 bytes each) come near it.
+POSE_ALLOC_PER_BODY_BYTE = 8
+
+
+def pose_alloc_limit(max_body_bytes: int) -> int:
+    """Bytes decoding one pose of a request may allocate, for a server with `max_body_bytes`."""
+    return min(pose_lib.MAX_POSE_ALLOC_BYTES, POSE_ALLOC_PER_BODY_BYTE * max_body_bytes)
+
+
+def pose_features(
+    data: bytes,
+    spec: Any,
+    *,
+    name: str,
+    max_frames: int,
+    max_alloc_bytes: int = pose_lib.MAX_POSE_ALLOC_BYTES,
+) -> np.ndarray:
+    """.pose bytes -> features [min(T, spec.max_frames), D] exactly as `Embedder.pose_features`.
+
+    The frame count, point count and decoding memory that the header declares are checked
+    before anything is decoded (`pose_lib.read_pose`): 413 over a limit, 422 when unusable.
+    """
     try:
-        pose = pose_lib.read_pose(data, name=name)
-        frames = pose.body.data.shape[0]
-        if frames > max_frames:
-            raise ApiError(413, f"{name}: {frames} frames; at most {max_frames} per pose")
+        pose = pose_lib.read_pose(
+            data, name=name, max_frames=max_frames, max_alloc_bytes=max_alloc_bytes
+        )
         return pose_lib.to_features(pose_lib.pose_to_array(pose, spec, name=name), spec)
+    except pose_lib.PoseLimitError as e:
+        raise ApiError(413, str(e)) from None
     except DataError as e:
         raise ApiError(422, str(e)) from None
     except (ApiError, MemoryError):
@@ -143,6 +166,7 @@ __all__ = [
     "check_texts",
     "decode_base64",
     "parse_json_body",
+    "pose_alloc_limit",
     "pose_features",
     "string_items",
     "video_pose_bytes",

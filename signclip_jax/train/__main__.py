@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from signclip_jax import cli
+from signclip_jax import cli, files
 from signclip_jax.errors import UserError
 from signclip_jax.train import loop
 
@@ -37,6 +37,8 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None or not _WORKDIR.value:
         cli.fail("--config=CONFIG.py and --workdir=DIR are required")
     try:
+        # Before any work: an unwritable workdir would otherwise fail deep inside the trainer.
+        files.check_writable_dir(_WORKDIR.value, "--workdir")
         loop.train(
             _CONFIG.value,
             _WORKDIR.value,

@@ -120,6 +120,40 @@ def test_help_and_usage_errors(tmp_path):
     assert not (tmp_path / "o.npz").exists()
 
 
+def test_unwritable_out_is_one_line_before_any_work(tmp_path, poses):
+    """Checked before the model loads (the --workdir here is not even a run) and before any
+    pose is read: a folder that is a file, and /proc (unwritable for root too, as CI runs)."""
+    a_file = tmp_path / "not_a_dir"
+    a_file.write_text("x")
+    outs = [a_file / "emb.npz"]
+    if Path("/proc/self").exists():
+        outs.append(Path("/proc/emb.npz"))
+    for out in outs:
+        r = _cli("--workdir", str(tmp_path / "no_run"), "--poses", str(poses / "short.pose"),
+                 "--out", str(out))  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().startswith(f"error: --out {out}: cannot"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_amplifying_pose_is_one_reported_failure(tiny_workdir, poses, tmp_path):
+    """Issue 17's ~150 KB file declaring 3 GB of frames: refused before decoding, reported,
+    the other poses still embedded (exit 1)."""
+    from tests.data.malformed import amplification
+
+    amp = tmp_path / "amp.pose"
+    amp.write_bytes(amplification())
+    out = tmp_path / "emb.npz"
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = embed_lib.main([f"--workdir={tiny_workdir}", "--poses", str(amp),
+                               str(poses / "short.pose"), f"--out={out}", "-q"])  # fmt: skip
+    npz = np.load(out)
+    assert code == 1 and list(npz["failed_files"]) == [str(amp)]
+    assert "65535 frames" in npz["failed_errors"][0] and "MiB" in npz["failed_errors"][0]
+    assert npz["pose_embeddings"].shape[0] == 1 and "Traceback" not in err.getvalue()
+
+
 def test_expand_poses(poses):
     d = poses / "dir"
     # A directory: its *.pose files, sorted, not recursive, nothing else.

@@ -318,6 +318,44 @@ def test_malformed_inputs_get_4xx_json(api, poses, expected):
     assert "unhandled error" not in log and "Traceback" not in log, log[-3000:]
 
 
+def _worker_peak_rss(master: int) -> dict[int, int]:
+    """pid -> peak RSS in bytes (VmHWM) of each gunicorn worker (children of `master`)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().split()[3]) == master:
+                status = (entry / "status").read_text()
+                out[int(entry.name)] = int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024
+        except (OSError, TypeError):
+            continue  # a process that just ended
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_amplifying_pose_files_are_refused_before_decoding(api):
+    """Issue 17: a ~150 KB v0.0 file declaring 65,535 empty frames (3 GB to decode), its
+    65,535-point variant (~128 GB), and a file within the frame limit but over the decoding
+    memory the body limit allows: 413 each, worker peak RSS grows by < 50 MB."""
+    from tests.data.malformed import amplification, points_header
+
+    fake = lambda b: base64.b64encode(bytes(b)).decode()
+    cases = {
+        "frames": amplification(),
+        "points": amplification(points_header(65_535)),
+        "memory": amplification(points_header(4_000), LIMITS["max_pose_frames"] - 1),
+    }
+    before = _worker_peak_rss(api.proc.pid)
+    assert before, "no gunicorn workers found"
+    for kind, data in cases.items():
+        for _ in range(3):  # both workers, most likely
+            status, _, body = api.request("POST", "/api/embed/pose", {"pose": fake(data)})
+            assert status == 413, (kind, status, body)
+            assert body["error"].startswith("'pose'[0]: "), body
+    after = _worker_peak_rss(api.proc.pid)
+    for pid, peak in before.items():
+        assert after.get(pid, peak) - peak < 50 * 2**20, (pid, peak, after.get(pid))
+
+
 def test_video_field_without_video_support(api):
     """`video` (base64 of a video file) goes through signclip_jax.video when installed; without
     it the answer says so (501), never a 500."""

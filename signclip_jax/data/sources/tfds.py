@@ -11,8 +11,8 @@ import numpy as np
 from pose_format import Pose
 from pose_format.numpy import NumPyPoseBody
 from pose_format.pose_header import PoseHeader
-from pose_format.utils.reader import BufferReader
 
+from signclip_jax.data import pose as pose_lib
 from signclip_jax.data.sources.common import TEXT_KEYS, make_record
 from signclip_jax.data.synthetic import holistic_header
 from signclip_jax.errors import DataError, UserError
@@ -35,13 +35,10 @@ def _as_str(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _read_pose_header(path: str):
-    """PoseHeader from a .pose or .poseheader file."""
-    try:
-        with open(path, "rb") as f:
-            return PoseHeader.read(BufferReader(f.read()))
-    except Exception as e:
-        raise DataError(f"cannot read a pose header from {path}: {e}") from None
+def _read_pose_header(path: str) -> PoseHeader:
+    """PoseHeader from a .pose or .poseheader file (only its header is read, within the
+    header limits of data/pose.py)."""
+    return pose_lib.read_pose_header(path)  # DataError naming the file
 
 
 def example_to_record(
