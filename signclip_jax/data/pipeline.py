@@ -20,8 +20,10 @@ Batch dict (B = batch_size_per_process, L = bucket length, D = feature dim, S = 
   eval batches also carry prompt [B] (object array of str).
 
 Multi-process runs: the bucket is chosen per process from its own rows, so processes can get
-different L; pad every process to a common length (`pad_to_length`, e.g. the all-gathered
-maximum) before assembling a global array, or leave data.length_buckets empty.
+different L; pad every process to a common length (`pad_to_length`) before assembling a global
+array, or leave data.length_buckets empty. Training agrees on that length inside the train
+step, a step ahead, with no host collective per step (train/loop.py, `_Inputs`); evaluation
+all-gathers it per batch (train/step.py, `model_inputs`). Padding more never changes numerics.
 
 config.data keys read here (all optional): max_frames, pose_components, include_z,
 prompt_template, text_max_len, length_buckets, length_group_batches, augment (keyword arguments of

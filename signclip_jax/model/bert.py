@@ -280,18 +280,51 @@ class BertEmbeddings(nnx.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """cuDNN fused attention with a key-padding mask. q, k, v [B, S, N, Hd], mask [B, S] bool.
+def key_mask(lengths: jax.Array, seq: int) -> jax.Array:
+    """Valid-prefix lengths [B] int -> key-padding mask [B, seq] bool (True = attend)."""
+    return jnp.arange(seq, dtype=jnp.int32)[None] < jnp.asarray(lengths)[:, None]
 
-    cuDNN's masked (bias) kernels need an even sequence length (the text tower has 63 tokens),
-    so an odd S gets one masked-out key/query slot, which is dropped from the output.
+
+def _attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    lengths: jax.Array | None,
+    mask: jax.Array | None,
+    implementation: str | None,
+) -> jax.Array:
+    """Fused softmax attention without dropout. q, k, v [B, S, N, Hd] -> [B, S, N, Hd].
+
+    The padding comes as one of
+      - `lengths` [B] int32: the valid tokens of each row are a prefix of that length (the
+        fast path). cuDNN takes them as sequence lengths, so no [B, 1, S, S] mask or bias is
+        built, stored or differentiated (outputs at padded queries are 0); XLA gets the
+        [B, 1, 1, S] key mask built from them here.
+      - `mask` [B, S] bool: any key-padding mask (HF semantics, for callers whose padding is
+        not a prefix). cuDNN takes masks only as a [B, 1, S, S] bias (its bias check rejects
+        a broadcast query axis), so that form is built here, per layer.
+    cuDNN needs an even S: `BertModel` pads odd sequences once at its input.
     """
-    b, s = mask.shape
-    if s % 2:
-        pad = lambda t: jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0)))
-        return _cudnn_attention(pad(q), pad(k), pad(v), jnp.pad(mask, ((0, 0), (0, 1))))[:, :s]
-    m = jnp.broadcast_to(mask[:, None, None, :], (b, 1, s, s))  # cuDNN wants the query axis
-    return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
+    b, s = q.shape[:2]
+    if lengths is not None:
+        lengths = jnp.asarray(lengths, jnp.int32)
+        if implementation == "cudnn":
+            return jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                query_seq_lengths=lengths,
+                key_value_seq_lengths=lengths,
+                implementation="cudnn",
+            )
+        # XLA: a [B, 1, 1, S] key mask from the lengths. (XLA's own seq-length handling adds
+        # a [B, 1, S, S] query-and-key mask and a second masked logits array per layer.)
+        mask = key_mask(lengths, s)
+    m = mask[:, None, None, :]  # broadcasts over heads and queries
+    if implementation == "cudnn":
+        m = jnp.broadcast_to(m, (b, 1, s, s))
+    return jax.nn.dot_product_attention(q, k, v, mask=m, implementation=implementation)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(5,))
@@ -338,23 +371,24 @@ class BertSelfAttention(nnx.Module):
             config.attention_probs_dropout_prob, deterministic=True, rngs=rngs
         )
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, S, H], mask [B, S] bool (keys) -> context [B, S, H]."""
+    def __call__(
+        self, x: jax.Array, lengths: jax.Array | None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """x [B, S, H]; lengths [B] int (valid prefix) or mask [B, S] bool (keys), one of
+        them -> context [B, S, H]."""
         b, s, _ = x.shape
         split = lambda t: t.reshape(b, s, self.num_heads, self.head_dim)
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         if self.dropout.deterministic or self.dropout.rate == 0.0:
             # Fused kernels where available.
-            if self.attention == "cudnn":
-                ctx = _cudnn_attention(q, k, v, mask)
-            else:
-                m = mask[:, None, None, :]  # broadcasts over heads and queries
-                ctx = jax.nn.dot_product_attention(q, k, v, mask=m, implementation=self.attention)
+            ctx = _attention(q, k, v, lengths=lengths, mask=mask, implementation=self.attention)
         else:
             # Attention-probability dropout (as BERT training) is not offered by the fused
-            # API, so the explicit form runs while training with it.
+            # API, so the explicit form runs while training with it. It takes the [B, S] key
+            # mask (from the lengths: no [B, 1, S, S] array either).
+            keys = key_mask(lengths, s) if lengths is not None else mask
             key = self.dropout.rngs()
-            ctx = _attention_with_dropout(q, k, v, mask, key, self.dropout.rate)
+            ctx = _attention_with_dropout(q, k, v, keys, key, self.dropout.rate)
         return ctx.reshape(b, s, self.num_heads * self.head_dim)
 
 
@@ -409,8 +443,10 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(config, attention=attention, **kw)
         self.output = BertResidualOutput(config, config.hidden_size, ("heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        return self.output(self.self(x, mask), x)
+    def __call__(
+        self, x: jax.Array, lengths: jax.Array | None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        return self.output(self.self(x, lengths, mask), x)
 
 
 class BertIntermediate(nnx.Module):
@@ -449,14 +485,18 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(config, **kw)
         self.output = BertResidualOutput(config, config.intermediate_size, ("mlp", "embed"), **kw)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, S, H], mask [B, S] bool -> [B, S, H]."""
-        a = self.attention(x, mask)
+    def __call__(
+        self, x: jax.Array, lengths: jax.Array | None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """x [B, S, H]; lengths [B] int (valid prefix) or mask [B, S] bool -> [B, S, H]."""
+        a = self.attention(x, lengths, mask)
         return self.output(self.intermediate(a), a)
 
 
-def _apply_layer(layer: BertLayer, x: jax.Array, mask: jax.Array) -> jax.Array:
-    return layer(x, mask)
+def _apply_layer(
+    layer: BertLayer, x: jax.Array, lengths: jax.Array | None, mask: jax.Array | None
+) -> jax.Array:
+    return layer(x, lengths, mask)
 
 
 class BertEncoder(nnx.Module):
@@ -480,11 +520,14 @@ class BertEncoder(nnx.Module):
         )
         self.remat = remat
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, lengths: jax.Array | None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """x [B, S, H]; lengths [B] int (valid prefix) or mask [B, S] bool -> [B, S, H]."""
         # Per-layer rematerialisation: only layer inputs are kept for the backward pass.
         apply = nnx.remat(_apply_layer) if self.remat else _apply_layer
         for layer in self.layer:
-            x = apply(layer, x, mask)
+            x = apply(layer, x, lengths, mask)
         return x
 
 
@@ -529,27 +572,44 @@ class BertModel(nnx.Module):
         self.embeddings = BertEmbeddings(config, **kw)
         self.encoder = BertEncoder(config, attention=attention, remat=remat, **kw)
         self.pooler = BertPooler(config, **kw) if add_pooling_layer else None
+        self.attention = attention
 
     def __call__(
         self,
         input_ids: jax.Array | None,
-        attention_mask: jax.Array,
+        attention_mask: jax.Array | None = None,
         *,
+        lengths: jax.Array | None = None,
         inputs_embeds: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """ids [B, S] (or inputs_embeds [B, S, H]), attention_mask [B, S] -> last hidden [B, S, H].
+        """ids [B, S] (or inputs_embeds [B, S, H]) and one of `lengths` / `attention_mask`
+        -> last hidden [B, S, H].
 
-        The mask is a key-padding mask (HF semantics: 1/True = attend).
+        `lengths` [B] int: row b's valid tokens are positions 0..lengths[b]-1 (the fast path:
+        attention takes sequence lengths; hidden states at padded positions are not defined
+        beyond being finite). `attention_mask` [B, S]: any key-padding mask (HF semantics:
+        1/True = attend), for padding that is not a prefix.
         """
+        if (lengths is None) == (attention_mask is None):
+            raise ValueError("BertModel needs exactly one of attention_mask and lengths")
         x = self.embeddings(
             input_ids,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             token_type_ids=token_type_ids,
         )
-        return self.encoder(x, jnp.asarray(attention_mask).astype(bool))
+        mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        seq = x.shape[1]
+        if self.attention == "cudnn" and seq % 2:
+            # cuDNN's kernels want an even length (the text tower has 63 tokens): one padded
+            # slot, once here rather than in every layer. It lies outside every row's valid
+            # prefix (or is masked), so no valid output changes.
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+            mask = None if mask is None else jnp.pad(mask, ((0, 0), (0, 1)))
+            return self.encoder(x, lengths, mask)[:, :seq]
+        return self.encoder(x, lengths, mask)
 
     def pool(self, hidden: jax.Array) -> jax.Array:
         """HF pooler output [B, H] from the last hidden state [B, S, H]."""

@@ -4,6 +4,11 @@ video: pose [B, L, D] -> frame MLP -> [CLS] + frames + [SEP] -> BERT (first N la
 text:  ids [B, S] ([CLS] tokens [SEP] [PAD]...) -> BERT -> mean
 Both means exclude [CLS] and include [SEP]; optional bias-free projections (+ L2 norm).
 
+Valid-prefix layout: in both towers the valid tokens of a row are a prefix ([SEP] of the video
+tower sits right after the last frame, with the position id the original gives it), so the
+padding is described by one length per row: attention takes sequence lengths and pooling
+follows from them. The result equals the original layout's ([SEP] after the padding).
+
 Parameter paths mirror the original state_dict keys (section 8.2), e.g.
 `video_encoder.videomlp.linear1.weight`, `video_encoder.bert.encoder.layer.0...`,
 `text_encoder.embeddings.word_embeddings.weight`, `video_projection.linear.weight`, so
@@ -296,6 +301,11 @@ def masked_mean(hidden: jax.Array, weights: jax.Array) -> jax.Array:
     return num / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
 
 
+def prefix_lengths(mask: jax.Array) -> jax.Array:
+    """Valid-prefix mask [B, L] -> lengths [B] int32 (the number of True entries per row)."""
+    return jnp.asarray(mask).astype(bool).sum(-1, dtype=jnp.int32)
+
+
 class SignCLIP(nnx.Module):
     """The two-tower model. Created in eval mode: `.train()` turns dropout on, `.eval()` off."""
 
@@ -338,39 +348,46 @@ class SignCLIP(nnx.Module):
         """pose [B, L, D] float (L <= max_frames, zero- or any-padded), pose_mask [B, L] bool
         -> [B, H] float32.
 
-        Sequence [CLS] + L frames + [SEP] with positions 0..L and max_frames + 1 for [SEP]
-        (the paper-era layout), so any padded length L gives the embedding of L = max_frames.
+        The valid frames of a row are a prefix (pose_mask[b] = arange(L) < n_b, as the data
+        pipeline and the embedder pad): only the count n_b is read. Sequence [CLS] (position
+        0), frames 1..n (positions 1..n), [SEP] at index n + 1 with position max_frames + 1
+        (the paper-era layout), then padding. Attention is permutation-equivariant given the
+        positions, so this equals the original [CLS] + L frames + [SEP] with [SEP] after the
+        padding, and any padded length L gives the embedding of L = max_frames.
         """
         c = self.config
         b, length, _ = pose.shape
         if length > c.max_frames:
             raise ValueError(f"pose has {length} frames > max_frames={c.max_frames}")
-        pose_mask = jnp.asarray(pose_mask).astype(bool)
-        # Padded frames are masked out of attention and pooling; zero them so that non-finite
-        # padding cannot leak through 0 * NaN in the attention sum.
-        pose = jnp.where(pose_mask[..., None], pose, 0)
+        frames_n = prefix_lengths(pose_mask)  # [B]
+        index = jnp.arange(length + 2, dtype=jnp.int32)[None]  # [1, L + 2] sequence slots
+        # Padded frames are out of attention and pooling; zero them so that non-finite padding
+        # cannot leak through 0 * NaN in the attention sum.
+        pose = jnp.where((index[:, 1:-1] <= frames_n[:, None])[..., None], pose, 0)
         frames = self.video_encoder.videomlp(pose)
         bert = self.video_encoder.bert
         special = bert.embeddings.word_embeddings(jnp.array([c.cls_token_id, c.sep_token_id]))
-        special = jnp.broadcast_to(special[None], (b, 2, special.shape[-1]))
+        cls = jnp.broadcast_to(special[0], (b, 1, special.shape[-1]))
         embeds = jnp.concatenate(
-            [special[:, :1], frames.astype(jnp.float32), special[:, 1:]], axis=1
-        )
-        positions = jnp.concatenate(
-            [jnp.arange(length + 1, dtype=jnp.int32), jnp.array([c.max_frames + 1], jnp.int32)]
-        )[None]
-        ones = jnp.ones((b, 1), bool)
-        attn_mask = jnp.concatenate([ones, pose_mask, ones], axis=1)
-        hidden = bert(None, attn_mask, inputs_embeds=embeds, position_ids=positions)
-        weights = jnp.concatenate([jnp.zeros((b, 1), bool), pose_mask, ones], axis=1)
+            [cls, frames.astype(jnp.float32), jnp.zeros_like(cls)], axis=1
+        )  # [B, L + 2, H]
+        is_sep = index == frames_n[:, None] + 1  # [B, L + 2]
+        embeds = jnp.where(is_sep[..., None], special[1], embeds)
+        positions = jnp.where(is_sep, c.max_frames + 1, index)
+        hidden = bert(None, lengths=frames_n + 2, inputs_embeds=embeds, position_ids=positions)
+        weights = (index >= 1) & (index <= frames_n[:, None] + 1)  # frames and [SEP]
         return self._project(masked_mean(hidden, weights), self.video_projection)
 
     def embed_text(self, text_ids: jax.Array, text_mask: jax.Array) -> jax.Array:
         """text_ids [B, S] int ([CLS] tokens [SEP] [PAD]...), text_mask [B, S] bool
-        -> [B, H] float32."""
-        text_mask = jnp.asarray(text_mask).astype(bool)
-        hidden = self.text_encoder(jnp.asarray(text_ids), text_mask)
-        weights = text_mask.at[:, 0].set(False)  # [CLS] excluded, final [SEP] included
+        -> [B, H] float32.
+
+        The valid tokens of a row are a prefix (right padding, as the tokenizer pads): only
+        their count is read."""
+        lengths = prefix_lengths(text_mask)  # [B]
+        hidden = self.text_encoder(jnp.asarray(text_ids), lengths=lengths)
+        index = jnp.arange(hidden.shape[1], dtype=jnp.int32)[None]
+        weights = (index >= 1) & (index < lengths[:, None])  # [CLS] out, final [SEP] in
         return self._project(masked_mean(hidden, weights), self.text_projection)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -495,5 +512,6 @@ __all__ = [
     "init_from_pretrained",
     "masked_mean",
     "model_config",
+    "prefix_lengths",
     "to_state_dict",
 ]

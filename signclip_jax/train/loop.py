@@ -17,11 +17,14 @@ under tb/, checkpoints/STEP/ (Orbax).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 from absl import logging as absl_logging
@@ -157,21 +160,35 @@ def _train(config, workdir: str) -> dict[str, Any]:
     evals = evaluators.from_config(config, tokenizer=tokenizer)
     eval_sources = {"val": val_source}  # split -> source, each read from disk once
 
-    #### The loop: log, evaluate, checkpoint; SIGTERM/SIGINT -> save and exit.
+    #### The loop: log, evaluate, checkpoint; SIGTERM/SIGINT -> save and exit. The host
+    # stays ahead of the device: the next batch goes to the device while a step runs, and
+    # nothing reads a step's results back except on log steps (and, with several processes,
+    # the agreement of the step before, once the next one is queued: `_Inputs`).
     writer = MetricWriter(workdir, enabled=is_main)
     progress = Progress(total_steps, config.batch_size, start_step=start)
     last: dict[str, Any] = {}
     step = start
+    inputs = _Inputs(
+        train_iter,
+        lambda batch: sharding.shard_batch(batch, mesh, batch_axes),
+        first=start + 1,
+        last=total_steps,
+        process_count=n_procs,
+    )
     with preemption.PreemptionGuard() as guard:
         while step < total_steps:
-            inputs = train_step_lib.model_inputs(next(train_iter))
-            state, metrics = train_step(state, sharding.shard_batch(inputs, mesh, batch_axes))
+            signal_name = guard.requested  # polled once per step
+            batch = inputs.batch(step + 1, stop_requested=signal_name is not None)
+            state, metrics = train_step(state, batch)
             step += 1
+            # With several processes: what all of them agreed on, a step later (`_Inputs`).
+            stop = inputs.after_step(step, metrics, stop_requested=signal_name is not None)
+            fed = inputs.consumed  # the iterator as of this step's batch (it runs ahead)
 
             # Log: the step's metrics and the input pipeline's bad-example counters.
             if step % config.log_every_steps == 0 or step == total_steps:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                last.update(pipeline.bad_example_stats(train_iter))
+                last.update(fed.stats)
                 last["epoch"] = step / steps_per_epoch
                 writer.write(step, last, prefix="train")
                 if is_main:
@@ -196,20 +213,17 @@ def _train(config, workdir: str) -> dict[str, Any]:
 
             # Checkpoint: on cadence, at the end, and when any process was asked to stop. The
             # evaluators' numbers drive the keep-best policy (val/loss by default).
-            signal_name = guard.requested
-            stop = _agree(signal_name is not None)
             if stop:
-                log.warning("stop requested (%s): saving step %d", signal_name, step)
+                log.warning(
+                    "stop requested (%s): saving step %d", signal_name or "another process", step
+                )
             if stop or step % config.checkpoint_every_steps == 0 or step == total_steps:
                 ckpt.save(
                     step,
                     params=state["params"],
                     train_state={"opt": state["opt"], "step": state["step"]},
-                    data_iterator=train_iter,
-                    meta={
-                        "epoch": step / steps_per_epoch,
-                        **pipeline.bad_example_stats(train_iter),
-                    },
+                    data_iterator=_IteratorState(fed.state),
+                    meta={"epoch": step / steps_per_epoch, **fed.stats},
                     metrics=eval_metrics or None,
                     force=True,
                 )
@@ -222,11 +236,142 @@ def _train(config, workdir: str) -> dict[str, Any]:
     return last
 
 
-def _agree(flag: bool) -> bool:
-    """True on every process if it is True on any (a preempted worker stops them all)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
+# ---------------------------------------------------------------------------------------------
+# The input side of the loop: ahead of the device, agreed across processes without a host
+# collective per step.
+
+
+@dataclasses.dataclass
+class _Fetched:
+    """One training batch as the host holds it, with the iterator as of right after it."""
+
+    batch: dict[str, np.ndarray]  # model inputs at this process's own padded length
+    state: Any  # the iterator's state after this batch (what a checkpoint at its step saves)
+    stats: dict[str, float]  # pipeline.bad_example_stats after this batch
+
+    @property
+    def length(self) -> int:
+        return int(self.batch["pose"].shape[1])
+
+
+class _Inputs:
+    """Feeds the train step, one batch ahead of the device.
+
+    Batch k+1 is padded, sharded and put on the device right after step k is dispatched, so
+    reading, padding and the host-to-device copy overlap step k. The iterator therefore runs
+    ahead of the steps: `consumed` keeps its state and counters as of the last dispatched
+    step's batch, which is what logs and checkpoints record (a resume replays exactly).
+
+    Several processes must agree on each batch's padded length (each process's length bucket
+    comes from its own rows) and on stopping (a signal may reach one process only), without
+    a host collective per step: that would make the host wait for the device every step.
+    Both ride in the step itself: batch k carries rows AGREE = [stop requested, this
+    process's own length of batch k+2], and the step returns their maximum over every
+    process's rows. That result of step k-1 is read once step k is queued, so the device
+    never idles while the host waits; it gives the common length of batch k+1, just in time
+    to put it on the device, and the stop decision after step k (a signal stops every
+    process within two steps). One host all-gather at start-up agrees on the first two
+    batches. A single process needs none of this: its own length and flag are the agreed ones.
+    """
+
+    def __init__(
+        self,
+        iterator,
+        shard: Callable[[dict[str, np.ndarray]], dict[str, Any]],
+        *,
+        first: int,
+        last: int,
+        process_count: int,
+        allgather_max: Callable[[np.ndarray], np.ndarray] | None = None,
+    ):
+        """`first`..`last`: the steps to feed. `shard`: host batch -> device batch
+        (sharding.shard_batch). `allgather_max`: [n] int32 -> its elementwise maximum over
+        all processes (default: multihost_utils.process_allgather; called once, here)."""
+        self.iterator, self.shard, self.last = iterator, shard, last
+        self.multi = process_count > 1
+        self.consumed: _Fetched | None = None
+        self._host: dict[int, _Fetched] = {}  # fetched, not yet dispatched
+        self._lengths: dict[int, int] = {}  # agreed padded length per step
+        self._device: dict[int, dict[str, Any]] = {}  # on the device, not yet dispatched
+        self._pending: Any = None  # metrics[AGREE] of the latest step, read after the next
+        if first > last:
+            return
+        if self.multi:
+            ahead = [k for k in (first, first + 1) if k <= last]
+            for k in ahead:
+                self._fetch(k)
+            gather = allgather_max or _allgather_max
+            agreed = gather(np.array([self._host[k].length for k in ahead], np.int32))
+            self._lengths.update(zip(ahead, (int(n) for n in agreed)))
+        self._put(first)
+
+    def batch(self, step: int, *, stop_requested: bool = False) -> dict[str, Any]:
+        """The device batch of `step` (put there while the step before ran)."""
+        device = self._device.pop(step)
+        self.consumed = self._host.pop(step)
+        if self.multi:
+            # This process's say on later steps: its stop flag, its length of batch step+2.
+            ahead = step + 2
+            length = self._fetch(ahead).length if ahead <= self.last else 0
+            rows = len(self.consumed.batch["pose"])
+            agree = np.tile(np.array([int(stop_requested), length], np.int32), (rows, 1))
+            device = {**device, **self.shard({train_step_lib.AGREE: agree})}
+        return device
+
+    def after_step(self, step: int, metrics: dict[str, Any], *, stop_requested: bool) -> bool:
+        """Call right after dispatching `step`: reads the step before's agreement, puts the
+        next batch on the device, and says whether to stop after `step` (the same answer on
+        every process). Takes metrics[AGREE] out of `metrics`."""
+        stop = stop_requested
+        if self.multi:
+            agreed, self._pending = self._pending, metrics.pop(train_step_lib.AGREE)
+            stop = False
+            if agreed is not None:  # step-1's: the flags at its dispatch, batch step+1's length
+                flag, length = (int(v) for v in np.asarray(agreed))
+                stop = bool(flag)
+                if step + 1 <= self.last:
+                    self._lengths[step + 1] = length
+        if not stop and step + 1 <= self.last:
+            self._put(step + 1)
+        return stop
+
+    def _fetch(self, step: int) -> _Fetched:
+        if step not in self._host:
+            batch = next(self.iterator)
+            self._host[step] = _Fetched(
+                {k: batch[k] for k in train_step_lib.MODEL_INPUTS},
+                copy.deepcopy(self.iterator.get_state()),
+                pipeline.bad_example_stats(self.iterator),
+            )
+        return self._host[step]
+
+    def _put(self, step: int) -> None:
+        fetched = self._fetch(step)
+        length = self._lengths.pop(step, fetched.length)
+        self._device[step] = self.shard(train_step_lib.model_inputs(fetched.batch, length))
+
+
+def _allgather_max(values: np.ndarray) -> np.ndarray:
+    """Elementwise maximum of `values` [n] over all processes (a blocking host collective)."""
+    return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)
+
+
+class _IteratorState(grain.DatasetIterator):
+    """A recorded iterator state for the checkpoint's grain handler, which only calls
+    `get_state`: the train iterator itself is ahead of the step being saved."""
+
+    def __init__(self, state: Any):
+        super().__init__()
+        self._state = state
+
+    def __next__(self):
+        raise TypeError("a recorded iterator state yields nothing")
+
+    def get_state(self) -> Any:
+        return self._state
+
+    def set_state(self, state: Any) -> None:
+        self._state = state
 
 
 def _scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

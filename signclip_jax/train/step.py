@@ -24,23 +24,34 @@ from signclip_jax.train import grad_cache, losses, optim, sharding
 
 MODEL_INPUTS = ("pose", "pose_mask", "text_ids", "text_mask")
 
+# Batch key of the rows [B, k] int32 that multi-process training adds to agree on stopping and
+# on padded lengths without a host collective: the step returns their column-wise maximum as
+# metrics[AGREE] [k] (replicated). See train/loop.py, `_Inputs`.
+AGREE = "agree"
 
-def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays the model reads from an input-pipeline batch. With several processes, each
-    process's length bucket may differ: pad all to the longest so the global array has one
-    frame length."""
+
+def model_inputs(batch: dict[str, np.ndarray], length: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays the model reads from an input-pipeline batch, padded to one frame length.
+
+    Each process's length bucket may differ, and a global array has one frame length.
+    `length`: a length all processes agreed on (>= this batch's own), as the train loop
+    passes. None: with several processes, all-gather the longest, a blocking host collective
+    (evaluation only: the train loop agrees without one). Padding never changes numerics.
+    """
     batch = {k: batch[k] for k in MODEL_INPUTS}
-    if jax.process_count() > 1:
-        length = batch["pose"].shape[1]
-        longest = int(np.asarray(multihost_utils.process_allgather(np.int32(length))).max())
-        if longest != length:
-            batch = pipeline.pad_to_length(batch, longest)
+    if length is None and jax.process_count() > 1:
+        length = int(
+            np.asarray(multihost_utils.process_allgather(np.int32(batch["pose"].shape[1]))).max()
+        )
+    if length is not None and length != batch["pose"].shape[1]:
+        batch = pipeline.pad_to_length(batch, length)
     return batch
 
 
 @dataclasses.dataclass
 class TrainStep:
-    """What the train loop needs. `step(state, batch) -> (state, metrics)` donates `state`;
+    """What the train loop needs. `step(state, batch) -> (state, metrics)` donates `state`
+    (a batch may carry AGREE rows [B, k]: metrics[AGREE] is then their maximum [k]);
     `embed(params, batch) -> (pose [B, H], text [B, H])` is the eval-mode forward and
     `embed_text(params, {"text_ids", "text_mask"}) -> [B, H]` its text tower alone (outputs
     replicated; B splits over the batch axes)."""
@@ -100,6 +111,8 @@ def make_train_step(
         return m(batch)
 
     def train_step(state, batch):
+        batch = dict(batch)
+        agree = batch.pop(AGREE, None)  # multi-process agreement rows, not model inputs
         rng = jax.random.fold_in(base_rng, state["step"])
         (loss, metrics), grads = grad_cache.accumulated_value_and_grad(
             embed_train,
@@ -117,6 +130,9 @@ def make_train_step(
             "grad_norm": optax.tree.norm(grads),
             "skipped_steps": optim.skipped_steps(opt),
         }
+        if agree is not None:
+            # Rides on the step's own collectives: no extra program, no host round trip.
+            metrics[AGREE] = jnp.max(agree, axis=0)
         new_state = {
             "params": optax.apply_updates(state["params"], updates),
             "opt": opt,
@@ -184,4 +200,4 @@ def _copy(state):
     return jax.tree.map(lambda x: x, state)
 
 
-__all__ = ["MODEL_INPUTS", "TrainStep", "make_train_step", "model_inputs"]
+__all__ = ["AGREE", "MODEL_INPUTS", "TrainStep", "make_train_step", "model_inputs"]

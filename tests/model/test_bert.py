@@ -351,25 +351,101 @@ def test_attention_dropout_matches_explicit_dropout_and_its_gradients():
     assert not np.allclose(other, fused(q, k, v))
 
 
-@pytest.mark.parametrize("seq", [9, 10])
-def test_cudnn_attention_pads_odd_lengths(monkeypatch, seq):
-    # cuDNN's masked kernels need an even length; the odd-length path pads one masked key and
-    # query and drops it. Checked on CPU by standing XLA's attention in for cuDNN's.
-    q, k, v, mask = _qkv(np.random.default_rng(2), s=seq)
-    reference = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+def cudnn_stand_in(monkeypatch, seen: list):
+    """No GPU here: route cuDNN calls to XLA, recording what the kernel was handed."""
     real = jax.nn.dot_product_attention
-    seen = []
 
-    def stand_in(q, k, v, *, mask, implementation):
-        assert implementation == "cudnn" and mask.shape == (3, 1, q.shape[1], q.shape[1])
-        seen.append(q.shape[1])
-        return real(q, k, v, mask=mask, implementation="xla")
+    def stand_in(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
+        if implementation == "cudnn":
+            seen.append(dict(seq=q.shape[1], mask=None if mask is None else mask.shape, **kw))
+            implementation = "xla"
+        return real(q, k, v, bias, mask, implementation=implementation, **kw)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
-    out = bert_lib._cudnn_attention(q, k, v, mask)
-    assert seen == [seq + seq % 2]
-    assert out.shape == reference.shape
-    np.testing.assert_allclose(out, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("seq", [9, 10])
+def test_cudnn_path_takes_sequence_lengths_and_pads_once(monkeypatch, seq):
+    # The fast path hands cuDNN sequence lengths and no mask or bias; an odd sequence (the
+    # text tower's 63 tokens) is padded once at the model input, so every layer's kernel sees
+    # the same even length, and the outputs equal XLA's.
+    config = TINY.replace(num_hidden_layers=2)
+    xla = BertModel(config, rngs=nnx.Rngs(4))
+    cudnn = BertModel(config, attention="cudnn", rngs=nnx.Rngs(4))
+    ids, mask = random_inputs(np.random.default_rng(seq), 3, seq, TINY.vocab_size)
+    lengths = jnp.asarray(mask.sum(-1), jnp.int32)
+    seen = []
+    cudnn_stand_in(monkeypatch, seen)
+    out = nnx.jit(lambda m: m(ids, lengths=lengths))(cudnn)
+    assert out.shape == (3, seq, TINY.hidden_size)
+    assert [s["seq"] for s in seen] == [seq + seq % 2] * 2
+    for s in seen:
+        assert s["mask"] is None
+        np.testing.assert_array_equal(s["query_seq_lengths"].shape, (3,))
+        assert s["key_value_seq_lengths"].dtype == jnp.int32
+    reference = nnx.jit(lambda m: m(ids, mask))(xla)
+    assert max_diff_on_valid(out, reference, mask) <= 1e-6
+    # A dense (non-prefix) mask still works on cuDNN, as the [B, 1, T, S] form it requires.
+    seen.clear()
+    holes = mask.copy()
+    holes[0, 1:3] = False
+    out = nnx.jit(lambda m: m(ids, holes))(cudnn)
+    assert [s["mask"] for s in seen] == [(3, 1, seq + seq % 2, seq + seq % 2)] * 2
+    reference = nnx.jit(lambda m: m(ids, holes))(xla)
+    assert max_diff_on_valid(out, reference, holes) <= 1e-6
+
+
+def test_lengths_path_matches_transformers(tiny_pair):
+    """Valid-prefix lengths give HF's hidden states on the valid tokens; padded ones stay
+    finite (they are pooled with weight 0, and 0 * NaN would poison the mean)."""
+    pt, model, _, _ = tiny_pair
+    ids, mask = random_inputs(np.random.default_rng(5), 5, 16, TINY.vocab_size)
+    mask[3], ids[3] = False, 0  # a fully padded dummy row
+    mask[4, :1] = True
+    with torch.no_grad():
+        ref = pt(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long())
+    lengths = jnp.asarray(mask.sum(-1), jnp.int32)
+    with jax.default_matmul_precision("float32"):
+        out = nnx.jit(lambda m: m(ids, lengths=lengths))(model)
+        dense = nnx.jit(lambda m: m(ids, mask))(model)
+    valid = mask.copy()
+    valid[3] = False
+    assert max_diff_on_valid(out, ref.last_hidden_state.numpy(), valid) <= 1e-5
+    assert max_diff_on_valid(out, dense, valid) <= 1e-6
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_exactly_one_of_mask_and_lengths():
+    model = BertModel(TINY.replace(num_hidden_layers=1), rngs=nnx.Rngs(0))
+    ids = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids, jnp.ones((1, 4), bool), lengths=jnp.array([4], jnp.int32))
+
+
+def test_attention_dropout_on_the_lengths_path():
+    # Training with attention dropout: the lengths path hands the explicit checkpointed
+    # attention the same [B, S] key mask as the dense path, so with the same rng streams the
+    # outputs are identical; dropout is on (outputs differ from eval and between calls).
+    config = TINY.replace(
+        num_hidden_layers=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3
+    )
+    ids, mask = random_inputs(np.random.default_rng(6), 3, 11, TINY.vocab_size)
+    lengths = jnp.asarray(mask.sum(-1), jnp.int32)
+    by_lengths, by_mask = (
+        BertModel(config, remat=True, rngs=nnx.Rngs(params=0, dropout=1)) for _ in range(2)
+    )
+    eval_out = nnx.jit(lambda m: m(ids, lengths=lengths))(by_lengths)
+    by_lengths.train()
+    by_mask.train()
+    run_lengths = nnx.jit(lambda m: m(ids, lengths=lengths))
+    a, b = run_lengths(by_lengths), run_lengths(by_lengths)
+    c = nnx.jit(lambda m: m(ids, mask))(by_mask)
+    assert max_diff_on_valid(a, c, mask) == 0.0
+    assert not np.allclose(a, b) and not np.allclose(a, eval_out)
+    g = nnx.jit(nnx.grad(lambda m: jnp.sum(m(ids, lengths=lengths)[mask] ** 2)))(by_lengths)
+    assert all(np.isfinite(v.get_value()).all() for _, v in nnx.to_flat_state(g))
 
 
 def test_attention_dropout_keeps_no_score_sized_residuals(capsys):

@@ -73,6 +73,11 @@ def embed_text(model, ids, mask):
     return model.embed_text(ids, mask)
 
 
+def embed_both(model, pose, pose_mask, ids, text_mask):
+    """Eagerly (a monkeypatched kernel sees concrete lengths)."""
+    return model.embed_pose(pose, pose_mask), model.embed_text(ids, text_mask)
+
+
 # ---------------------------------------------------------------------------------- sizes
 def abstract(cfg):
     return nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
@@ -484,29 +489,32 @@ def test_16_bit_models_embed_16_bit_poses_exactly_as_float32_poses():
         assert not np.array_equal(pose.astype(dtype).astype(np.float32), pose)  # rounding bites
 
 
-def test_cudnn_attention_path_passes_a_query_broadcast_mask(monkeypatch):
-    """No GPU here: route the cuDNN call to XLA and check what the model hands it (cuDNN
-    wants the mask as [B, 1, T, S]; its bias check rejects T = 1)."""
+def test_cudnn_attention_path_passes_sequence_lengths(monkeypatch):
+    """No GPU here: route the cuDNN call to XLA and check what the model hands it: sequence
+    lengths and no mask (the valid-prefix layout), an even length in every layer (the odd
+    sequences here, 7 frames + 2 and 5 tokens, are padded once at the input)."""
     xla_model = tiny_model(seed=8, dtype="bfloat16", attention="xla")
     cudnn_model = tiny_model(seed=8, dtype="bfloat16", attention="cudnn")
     real = jax.nn.dot_product_attention
     seen = []
 
-    def fake(q, k, v, mask=None, implementation=None, **kw):
+    def fake(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
         if implementation == "cudnn":
-            b, t, _, _ = q.shape
-            seen.append(mask.shape)
-            assert mask.shape == (b, 1, t, k.shape[1]) and mask.dtype == jnp.bool_
+            assert bias is None and mask is None and q.shape[1] % 2 == 0
+            seen.append((q.shape[1], [int(n) for n in kw["key_value_seq_lengths"]]))
             implementation = "xla"
-        return real(q, k, v, mask=mask, implementation=implementation, **kw)
+        return real(q, k, v, bias, mask, implementation=implementation, **kw)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
     rng = np.random.default_rng(9)
-    pose = random_pose(rng, 2, 8)
-    mask = np.array([[True] * 8, [True] * 3 + [False] * 5])
-    ids = np.array([[101, 5, 6, 102], [101, 7, 102, 0]], np.int32)
+    pose = random_pose(rng, 2, 7)
+    mask = np.array([[True] * 7, [True] * 3 + [False] * 4])
+    ids = np.array([[101, 5, 6, 8, 102], [101, 7, 102, 0, 0]], np.int32)
     tmask = ids > 0
-    run = nnx.jit(lambda m: (m.embed_pose(pose, mask), m.embed_text(ids, tmask)))
-    for a, b in zip(run(xla_model), run(cudnn_model)):
+    for a, b in zip(
+        embed_both(xla_model, pose, mask, ids, tmask),
+        embed_both(cudnn_model, pose, mask, ids, tmask),
+    ):
         np.testing.assert_array_equal(a, b)
-    assert len(seen) == 2 + 3  # every layer of both towers went through the cuDNN branch
+    # every layer of both towers went through the cuDNN branch, with the rows' lengths
+    assert seen == [(10, [9, 5])] * 2 + [(6, [5, 3])] * 3

@@ -5,11 +5,13 @@ A tiny random BERT (2 layers, width 32) replaces the MiniLM weights to keep comp
 the tokenizer is still the bundled MiniLM one. The mesh spans the 8 host CPU devices.
 """
 
+import concurrent.futures
 import csv
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -20,6 +22,7 @@ import pytest
 
 from signclip_jax import checkpoint as ckpt_lib
 from signclip_jax import run as run_lib
+from signclip_jax.data import pipeline
 from signclip_jax.errors import UserError
 from signclip_jax.evaluation import cli as evaluate_cli
 from signclip_jax.train import loop as train_lib
@@ -225,6 +228,22 @@ def test_cli_requires_workdir():
     assert result.returncode == 2 and "--workdir" in result.stderr
 
 
+def test_cli_unwritable_workdir_is_one_line_before_any_work(tmp_path):
+    """An existing file, a path under a file, and /proc (unwritable for root too, as CI runs)."""
+    a_file = tmp_path / "not_a_dir"
+    a_file.write_text("x")
+    workdirs = [a_file, a_file / "run"]
+    if Path("/proc/self").exists():
+        workdirs.append(Path("/proc/signclip-run"))
+    for workdir in workdirs:
+        result = _run_cli("--config=configs/demo.py", f"--workdir={workdir}")
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert last.startswith(f"error: --workdir: cannot write in {workdir} ("), last
+        assert "Traceback" not in result.stderr
+    assert a_file.read_text() == "x"
+
+
 _RUN = """
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={devices}"
@@ -238,14 +257,33 @@ config = tiny_config(Path({synthetic!r}))
 if {no_dropout}:
     config.model.hidden_dropout = 0.0
     config.model.attention_dropout = 0.0
+{count_gathers}
 train.train(config, {workdir!r})
+{report_gathers}
 """
 
+# Counts the host all-gathers the training loop makes (caller in the package, not under the
+# evaluation's embedding functions, which gather every eval batch's rows by design).
+_COUNT_GATHERS = """
+import traceback
+from jax.experimental import multihost_utils
+_gather, _loop_gathers = multihost_utils.process_allgather, []
+def _counting(*args, **kwargs):
+    stack = traceback.extract_stack()[:-1]
+    evaluation = {"embed_batch", "embed_texts", "_gather_rows", "_gather_texts"}
+    if "signclip_jax" in stack[-1].filename and not evaluation & {f.name for f in stack}:
+        _loop_gathers.append(stack[-1].name)
+    return _gather(*args, **kwargs)
+multihost_utils.process_allgather = _counting
+"""
+_REPORT_GATHERS = 'print("LOOP_GATHERS", len(_loop_gathers), _loop_gathers, flush=True)'
 
-def _run_code(synthetic_dir, workdir, *, devices, no_dropout=False):
+
+def _run_code(synthetic_dir, workdir, *, devices, no_dropout=False, count_gathers=False):
     return _RUN.format(
         root=str(ROOT), synthetic=str(synthetic_dir), workdir=str(workdir), devices=devices,
-        no_dropout=no_dropout,
+        no_dropout=no_dropout, count_gathers=_COUNT_GATHERS if count_gathers else "",
+        report_gathers=_REPORT_GATHERS if count_gathers else "",
     )  # fmt: skip
 
 
@@ -281,7 +319,9 @@ def test_two_processes_match_one_process(tmp_path, synthetic_dir):
 
     Dropout is off: each process reads every other example of the shuffled stream, so the
     global batch holds the same examples in another row order; the loss does not depend on
-    row order, but dropout masks do.
+    row order, but dropout masks do. The processes' length buckets differ (data.length_buckets
+    with clips of 40-90 frames), and the loop agrees on them and on stopping with one host
+    all-gather at start-up, not one per step (it made two per step before).
     """
 
     single = tmp_path / "single"
@@ -295,7 +335,11 @@ def test_two_processes_match_one_process(tmp_path, synthetic_dir):
     port = portpicker.pick_unused_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _run_code(synthetic_dir, multi, devices=4, no_dropout=True)],
+            [
+                sys.executable,
+                "-c",
+                _run_code(synthetic_dir, multi, devices=4, no_dropout=True, count_gathers=True),
+            ],
             cwd=ROOT,
             env=_subprocess_env(
                 SIGNCLIP_COORDINATOR=f"127.0.0.1:{port}",
@@ -311,6 +355,8 @@ def test_two_processes_match_one_process(tmp_path, synthetic_dir):
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
+        counts = [line for line in out.splitlines() if line.startswith("LOOP_GATHERS")]
+        assert counts == ["LOOP_GATHERS 1 ['_allgather_max']"], out[-3000:]
     a, b = _logged_losses(single), _logged_losses(multi)
     assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 3
     diff = np.abs(np.array([v for _, v in a]) - np.array([v for _, v in b]))
@@ -397,3 +443,150 @@ def test_compilation_cache_is_written_even_after_a_first_compile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(tmp_path / "xla-cache")
     assert any((tmp_path / "xla-cache").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop's input side (`_Inputs`): two processes simulated by two threads that meet in a
+# fake step, as the real step's all-reduce makes them meet.
+
+
+class _FakeIterator:
+    """Batches [rows, lengths[i], 3]; its state and counters count the batches yielded."""
+
+    def __init__(self, lengths, rows=2, start=0):
+        self.lengths, self.rows, self.n = lengths, rows, start
+
+    def __next__(self):
+        length = self.lengths[self.n]
+        self.n += 1
+        rows = self.rows
+        return {
+            "pose": np.full((rows, length, 3), self.n, np.float32),
+            "pose_mask": np.ones((rows, length), bool),
+            "text_ids": np.zeros((rows, 4), np.int32),
+            "text_mask": np.ones((rows, 4), bool),
+            "index": np.arange(rows),
+        }
+
+    def get_state(self):
+        return {"n": self.n}
+
+    def stats(self):
+        return pipeline.InputStats(examined=self.n * self.rows, skipped=0, examples=[])
+
+
+class _Meet:
+    """Where the simulated processes exchange values: each gets the elementwise maximum."""
+
+    def __init__(self, parties=2):
+        self.barrier = threading.Barrier(parties, timeout=30)
+        self.values = {}
+
+    def __call__(self, pid, value):
+        self.values[pid] = np.asarray(value)
+        self.barrier.wait()
+        out = np.max(np.stack(list(self.values.values())), axis=0)
+        self.barrier.wait()
+        return out
+
+
+class _Read:
+    """A step's agreement as the host reads it: records when it is read (np.asarray)."""
+
+    def __init__(self, value, step, events):
+        self.value, self.step, self.events = value, step, events
+
+    def __array__(self, dtype=None, copy=None):
+        self.events.append(("read", self.step))
+        return self.value
+
+
+def _fake_run(pid, lengths, *, processes, meet=None, total=8, start=0, stop_at=None):
+    """The train loop's input side over a fake step; returns what each step saw."""
+    gathers, events, seen = [], [], {}
+    it = _FakeIterator(lengths, start=start)
+
+    def allgather_max(values):
+        gathers.append(values)
+        return meet(pid, values)
+
+    inputs = train_lib._Inputs(
+        it, dict, first=start + 1, last=total, process_count=processes,
+        allgather_max=allgather_max,
+    )  # fmt: skip
+    step = start
+    while step < total:
+        requested = stop_at is not None and step + 1 >= stop_at
+        batch = inputs.batch(step + 1, stop_requested=requested)
+        events.append(("dispatch", step + 1))
+        metrics = {"loss": 0.0}
+        if "agree" in batch:
+            agreed = meet(pid, batch["agree"].max(axis=0))
+            metrics["agree"] = _Read(agreed, step + 1, events)
+        step += 1
+        stop = inputs.after_step(step, metrics, stop_requested=requested)
+        assert "agree" not in metrics  # never logged
+        seen[step] = (batch["pose"].shape[1], inputs.consumed.state, inputs.consumed.stats)
+        if stop:
+            break
+    return {"seen": seen, "gathers": gathers, "events": events, "iterator_at": it.n}
+
+
+def _two_processes(lengths, **kwargs):
+    meet = _Meet()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = [
+            pool.submit(_fake_run, pid, lengths[pid], processes=2, meet=meet, **kwargs)
+            for pid in range(2)
+        ]
+        return [r.result(timeout=60) for r in runs]
+
+
+_LENGTHS = [[48, 96, 64, 48, 80, 48, 64, 96, 48, 48], [64, 48, 64, 80, 48, 48, 96, 64, 48, 48]]
+
+
+def test_processes_agree_on_lengths_without_a_collective_per_step():
+    runs = _two_processes(_LENGTHS)
+    common = [max(a, b) for a, b in zip(*_LENGTHS)]
+    for pid, run in enumerate(runs):
+        # Every step pads to the longest of both processes' buckets (what the per-step
+        # all-gather gave), but only one host all-gather ran: at start-up, for steps 1-2.
+        assert [run["seen"][k][0] for k in range(1, 9)] == common[:8]
+        assert len(run["gathers"]) == 1 and list(run["gathers"][0]) == _LENGTHS[pid][:2]
+        # Step k-1's agreement is read only once step k is queued: the device never idles.
+        for kind, k in run["events"]:
+            if kind == "read":
+                assert run["events"].index(("dispatch", k + 1)) < run["events"].index((kind, k))
+        # Logs and checkpoints record the iterator as of each step's batch, not as of the
+        # batches fetched ahead.
+        assert [run["seen"][k][1] for k in range(1, 9)] == [{"n": k} for k in range(1, 9)]
+        assert run["seen"][8][2]["data_examined"] == 16.0
+
+
+def test_a_stop_on_one_process_stops_both_at_the_same_step_and_resumes_exactly():
+    # Process 1 polls a signal before step 3; both stop after step 4, in agreement.
+    meet = _Meet()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = [
+            pool.submit(
+                _fake_run, pid, _LENGTHS[pid], processes=2, meet=meet,
+                stop_at=3 if pid == 1 else None,
+            )
+            for pid in range(2)
+        ]  # fmt: skip
+        runs = [r.result(timeout=60) for r in runs]
+    for run in runs:
+        assert max(run["seen"]) == 4 and run["seen"][4][1] == {"n": 4}
+        assert run["iterator_at"] == 6  # fetched ahead; the checkpoint records n=4
+    # Resumed from that checkpoint (iterator at 4): steps 5-8 as in an uninterrupted run.
+    straight, resumed = _two_processes(_LENGTHS), _two_processes(_LENGTHS, start=4)
+    for a, b in zip(straight, resumed):
+        assert {k: a["seen"][k] for k in range(5, 9)} == b["seen"]
+        assert len(b["gathers"]) == 1
+
+
+def test_one_process_feeds_its_own_lengths_and_stops_at_once():
+    run = _fake_run(0, _LENGTHS[0], processes=1, stop_at=3)
+    assert run["gathers"] == [] and not any(kind == "read" for kind, _ in run["events"])
+    assert {k: v[0] for k, v in run["seen"].items()} == {1: 48, 2: 96, 3: 64}
+    assert run["seen"][3][1] == {"n": 3} and run["iterator_at"] == 3  # nothing fetched past it
