@@ -8,15 +8,22 @@ Layout of `WORKDIR/checkpoints/STEP/` (one Orbax step directory):
   meta/    JSON: step, epoch, bad-example counts, validation metrics
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
-killed run never leaves a half-written checkpoint that a later run would pick up.
+killed run never leaves a half-written checkpoint that a later run would pick up. A step
+damaged afterwards (a truncated or missing file, a corrupt manifest) fails its read: restoring
+it raises DamagedCheckpoint, one line naming the step, what is wrong and the newest other step
+that restores; `train` resumes from that step instead (`Checkpointer.restore_latest`).
 `workdir` may be a local path or `gs://...` (Orbax/tensorstore handle both).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grain
@@ -28,8 +35,149 @@ from orbax.checkpoint import checkpoint_managers
 from signclip_jax import files
 from signclip_jax.errors import UserError
 
+log = logging.getLogger("signclip_jax.checkpoint")
+
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints.damaged"  # where train moves damaged steps aside (beside checkpoints/)
 _ITEMS = ("params", "train", "data", "meta")
+
+
+class DamagedCheckpoint(UserError):
+    """A step directory whose files cannot be read back (truncated, missing, corrupt)."""
+
+
+# ------------------------------------------------------------------------- damaged checkpoints
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """Installs (once) an unraisable hook that drops only "Event loop is closed": tensorstore
+    reads still in flight when a failed Orbax restore closed its event loop complete later, in
+    tensorstore's threads, and their callbacks can no longer reach the loop. Everything else
+    goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_signclip_drops_closed_loop", False):
+        return
+
+    def hook(unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._signclip_drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _quiet_async() -> Iterator[None]:
+    """Silences what a failed Orbax read leaves behind: its pending read coroutines, when
+    finalised, report "Task was destroyed", "Event loop is closed" or shutdown ImportErrors
+    through the asyncio logger and sys.unraisablehook. They carry no news beyond the error
+    that is reported, so they are dropped while the failure is handled (gc inside)."""
+    drop = _DropAll()
+    asyncio_log = logging.getLogger("asyncio")
+    hook = sys.unraisablehook
+    asyncio_log.addFilter(drop)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()  # finalise the failed read's coroutines now, not at interpreter exit
+        sys.unraisablehook = hook
+        asyncio_log.removeFilter(drop)
+
+
+def _read_error(e: BaseException) -> str:
+    """One line: the innermost cause of a failed read (tensorstore's message), shortened."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# tensorstore's status codes for files that are cut short, missing or do not decode
+_STORAGE_ERRORS = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+
+
+def _attempt(
+    read: Callable[[], Any], is_mismatch: Callable[[], bool] = lambda: False
+) -> tuple[Any, str | None]:
+    """(read(), None), or (None, one-line error) when the read fails, quietly. A failure for
+    which `is_mismatch()` holds (another architecture, not damage) propagates as it is."""
+    with _quiet_async():
+        try:
+            return read(), None
+        except Exception as e:  # any failure to read: damage unless the shapes differ
+            problem = _read_error(e)
+            if not problem.startswith(_STORAGE_ERRORS) and is_mismatch():
+                raise
+        # `e` is gone here, so _quiet_async's gc finalises the failed read's coroutines
+    _drop_closed_loop_callbacks()
+    return None, problem
+
+
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+    return sorted(tuple(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+
+
+def _matches_metadata(item_dir: epath.Path, abstract: Any) -> bool:
+    """Whether `item_dir`'s recorded tree (its _METADATA) has the shapes of `abstract`; False
+    when it has other shapes (a real architecture mismatch), True when it matches or cannot be
+    read (then the damage is in the metadata itself)."""
+    drop, absl_log = _DropAll(), logging.getLogger("absl")
+    absl_log.addFilter(drop)  # "Metadata file does not exist" (params/ has none of its own)
+    try:
+        with _quiet_async(), ocp.StandardCheckpointer() as checkpointer:
+            recorded = checkpointer.metadata(item_dir).item_metadata
+    except Exception:  # unreadable metadata is damage, not a mismatch
+        return True
+    finally:
+        absl_log.removeFilter(drop)
+    shapes = _shapes(recorded)  # none when the arrays' own metadata does not read back
+    return not shapes or shapes == _shapes(abstract)
+
+
+def _other_steps(step_dir: epath.Path) -> list[epath.Path]:
+    """The other finished step directories beside `step_dir`, newest first."""
+    parent = step_dir.parent
+    if not parent.exists():
+        return []
+    steps = [p for p in parent.iterdir() if p.name.isdigit() and p.name != step_dir.name]
+    steps = [p for p in steps if (p / "params").exists()]
+    return sorted(steps, key=lambda p: int(p.name), reverse=True)
+
+
+def _read_params(step_dir: epath.Path, abstract_params: Any) -> Any:
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(step_dir / "params", abstract_params)
+
+
+def newest_intact_step(step_dir: str | os.PathLike, abstract_params: Any) -> epath.Path | None:
+    """The newest step directory beside `step_dir` (not itself) whose parameters restore into
+    `abstract_params`, or None. Reads each candidate in full: only for the error path."""
+    for other in _other_steps(files.as_path(step_dir)):
+        _, problem = _attempt(lambda other=other: _read_params(other, abstract_params))
+        if problem is None:
+            return other
+    return None
+
+
+def damaged_error(
+    step_dir: str | os.PathLike, problem: str, abstract_params: Any
+) -> DamagedCheckpoint:
+    """The one-line error for a step that does not read back, naming the intact alternative."""
+    step_dir = files.as_path(step_dir)
+    intact = newest_intact_step(step_dir, abstract_params)
+    if intact is not None:
+        advice = f"the newest intact step is {intact}: pass --checkpoint={intact}"
+    else:
+        advice = f"no other step in {step_dir.parent} restores"
+    return DamagedCheckpoint(
+        f"{step_dir}: damaged checkpoint, cannot be read ({problem}); {advice}"
+    )
 
 
 def _best_policy(keep: int, keep_best: int, best_metric: str, best_mode: str):
@@ -178,11 +326,73 @@ class Checkpointer:
             "train": ocp.args.StandardRestore(abstract_train_state),
             "meta": ocp.args.JsonRestore(),
         }
-        has_data = (self.step_dir(step) / "data").exists()
-        if data_iterator is not None and has_data:
+        step_dir = self.step_dir(step)
+        if data_iterator is not None and (step_dir / "data").exists():
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
+        restored, problem = _attempt(
+            lambda: self._manager.restore(int(step), args=ocp.args.Composite(**items)),
+            # another model or optimiser keeps Orbax's own error
+            lambda: (
+                not (
+                    _matches_metadata(step_dir / "params", abstract_params)
+                    and _matches_metadata(step_dir / "train", abstract_train_state)
+                )
+            ),
+        )
+        if problem is not None:
+            raise damaged_error(step_dir, problem, abstract_params)
         return restored.params, restored.train, dict(restored.meta or {})
+
+    def restore_latest(
+        self,
+        *,
+        abstract_params: Any,
+        abstract_train_state: Any,
+        data_iterator: Any | None = None,
+    ) -> tuple[int, Any, Any, dict[str, Any]] | None:
+        """(step, params, train_state, meta) of the newest step that restores, or None when
+        there is no step. A damaged newer step is logged, moved aside to
+        WORKDIR/checkpoints.damaged/STEP (so this run can save that step again) and skipped;
+        raises DamagedCheckpoint when no step restores."""
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                params, train_state, meta = self.restore(
+                    step,
+                    abstract_params=abstract_params,
+                    abstract_train_state=abstract_train_state,
+                    data_iterator=data_iterator,
+                )
+            except DamagedCheckpoint as e:
+                log.warning("%s", e)
+                damaged.append(step)
+                continue
+            for bad in damaged:
+                aside = self._move_aside(bad)
+                log.warning(
+                    "checkpoint step %d is damaged: resuming from step %d instead (step %d "
+                    "moved to %s)", bad, step, bad, aside,
+                )  # fmt: skip
+            return step, params, train_state, meta
+        if damaged:
+            raise DamagedCheckpoint(
+                f"{self.directory}: no checkpoint step restores (damaged: "
+                f"{', '.join(map(str, damaged))}); move {self.directory} away to start afresh"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> epath.Path:
+        """Moves a damaged step out of checkpoints/ (kept for inspection, never read again)."""
+        target = self.directory.parent / DAMAGED_DIR / str(step)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target.rmtree()
+            self.step_dir(step).rename(target)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"signclip_move_damaged_{step}")
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
@@ -229,12 +439,22 @@ def resolve_step_dir(
 
 
 def restore_params(step_dir: str | os.PathLike, abstract_params: Any) -> Any:
-    """Reads only the parameters of one step directory (evaluate, embed, serve, convert)."""
+    """Reads only the parameters of one step directory (evaluate, embed, serve, convert).
+
+    A step that does not read back raises DamagedCheckpoint (one line, naming the newest
+    other step that restores); parameters of another shape raise Orbax's own error."""
     path = files.as_path(step_dir) / "params"
     if not path.exists():
         raise UserError(f"{step_dir} has no params/ checkpoint")
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path, abstract_params)
+    step_dir = files.as_path(step_dir)
+    # A real mismatch propagates: run.py turns it into "does not match model_config.json".
+    params, problem = _attempt(
+        lambda: _read_params(step_dir, abstract_params),
+        lambda: not _matches_metadata(path, abstract_params),
+    )
+    if problem is not None:
+        raise damaged_error(step_dir, problem, abstract_params)
+    return params
 
 
 def abstract_like(tree: Any) -> Any:

@@ -113,3 +113,40 @@ def test_relative_workdir(tmp_path, monkeypatch):
     relative = ckpt_lib.resolve_step_dir(checkpoint="runs/x/checkpoints/3")
     restored = ckpt_lib.restore_params(relative, ckpt_lib.abstract_like(params))
     assert restored["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_damaged_step_is_one_error_and_restore_latest_falls_back(tmp_path, caplog):
+    with ckpt_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+        for step in (1, 2):
+            params, train = _state(step)
+            ckpt.save(step, params=params, train_state=train, force=True)
+    params, train = _state(0)
+    abstract = {"abstract_params": ckpt_lib.abstract_like(params),
+                "abstract_train_state": ckpt_lib.abstract_like(train)}  # fmt: skip
+    step_dir = tmp_path / "checkpoints" / "2"
+    # Files written by this process may still be in tensorstore's cache: the manifest too.
+    for f in (step_dir / "params").rglob("*"):
+        if f.is_file() and ("ocdbt" in str(f.relative_to(step_dir)) or f.parent.name == "d"):
+            f.write_bytes(f.read_bytes()[:10])
+    with pytest.raises(ckpt_lib.DamagedCheckpoint) as info:
+        ckpt_lib.restore_params(step_dir, abstract["abstract_params"])
+    message = str(info.value)
+    assert message.startswith(f"{step_dir}: damaged checkpoint") and "\n" not in message
+    assert f"--checkpoint={tmp_path / 'checkpoints' / '1'}" in message
+    with ckpt_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(ckpt_lib.DamagedCheckpoint):
+            ckpt.restore(2, **abstract)
+        step, p, _, _ = ckpt.restore_latest(**abstract)
+        assert step == 1 and ckpt.all_steps() == [1]
+        np.testing.assert_array_equal(np.asarray(p["model"]["w"]), _state(1)[0]["model"]["w"])
+        assert "step 2 is damaged: resuming from step 1" in caplog.text
+        assert (tmp_path / ckpt_lib.DAMAGED_DIR / "2").exists()
+        ckpt.save(2, params=_state(2)[0], train_state=_state(2)[1], force=True)  # saves again
+        assert ckpt.all_steps() == [1, 2]
+    with ckpt_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+        for step in (1, 2):
+            for f in (tmp_path / "checkpoints" / str(step) / "params").rglob("*"):
+                if f.is_file() and f.name != "_METADATA":
+                    f.write_bytes(b"")
+        with pytest.raises(ckpt_lib.DamagedCheckpoint, match="no checkpoint step restores"):
+            ckpt.restore_latest(**abstract)

@@ -131,16 +131,14 @@ def _train(config, workdir: str) -> dict[str, Any]:
 
     #### Restore: resume from the workdir, else init_from, else the pretrained BERT.
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None:
-        params, train_state, _ = ckpt.restore(
-            start,
-            abstract_params=ckpt_lib.abstract_like(state["params"]),
-            abstract_train_state=ckpt_lib.abstract_like(
-                {"opt": state["opt"], "step": state["step"]}
-            ),
-            data_iterator=train_iter,
-        )
+    # The newest step that restores; a damaged one is moved aside with a warning.
+    resumed = ckpt.restore_latest(
+        abstract_params=ckpt_lib.abstract_like(state["params"]),
+        abstract_train_state=ckpt_lib.abstract_like({"opt": state["opt"], "step": state["step"]}),
+        data_iterator=train_iter,
+    )
+    if resumed is not None:
+        start, params, train_state, _ = resumed
         state = {"params": params, "opt": train_state["opt"], "step": train_state["step"]}
         log.info("resumed from step %d", start)
     else:
