@@ -114,7 +114,8 @@ class ModelHost:
         if self.status == "loading":
             raise ApiError(503, "model is loading; retry shortly", {"Retry-After": "2"})
         if self.status != "ready":
-            raise ApiError(503, f"model failed to load: {self.error}")
+            # The reason (which may name server paths) is in the log and on /ready.
+            raise ApiError(503, "model failed to load; see the server log")
 
     def embed(self, poses: Sequence[np.ndarray], texts: Sequence[str]):
         """-> (pose embeddings [P, H], text embeddings [T, H]) float32, via the model thread."""
@@ -168,8 +169,23 @@ def request_texts(body: dict[str, Any], host: ModelHost) -> list[str]:
 
 def _read_body(request: Any, limit: int) -> bytes:
     """The request body, or 413 when over `limit` bytes. Chunked bodies (no Content-Length) are
-    read up to limit + 1 bytes: werkzeug's own stream silently cuts them at the limit."""
-    from werkzeug.exceptions import RequestEntityTooLarge  # werkzeug comes with flask (extra)
+    read up to limit + 1 bytes: werkzeug's own stream silently cuts them at the limit.
+    A body that cannot be read (a malformed chunk, a reset connection) is a 400, a client too
+    slow to send it a 408 (`SlowClient`, from the worker's socket reads): never a 500."""
+    from werkzeug.exceptions import HTTPException  # werkzeug comes with flask (extra)
+
+    try:
+        return _read_body_bytes(request, limit)
+    except (ApiError, HTTPException):  # 408 SlowClient; werkzeug's 413 and 400 (disconnect)
+        raise
+    except Exception as e:  # e.g. gunicorn's InvalidChunkSize: the bytes are the client's
+        log.debug("unreadable request body", exc_info=True)
+        reason = str(e)[:200] or type(e).__name__
+        raise ApiError(400, f"could not read the request body ({reason})") from None
+
+
+def _read_body_bytes(request: Any, limit: int) -> bytes:
+    from werkzeug.exceptions import RequestEntityTooLarge
 
     if request.content_length is not None:
         return request.get_data(cache=False)  # werkzeug answers 413 above max_content_length

@@ -3,8 +3,9 @@ r"""HTTP API over a trained model: `python -m signclip_jax.serve`.
   python -m signclip_jax.serve --workdir=runs/demo --port=3030 [--host=127.0.0.1] [--workers=1]
   # the same with gunicorn's own CLI (settings from SIGNCLIP_* environment variables;
   # --timeout covers the model load and compile, during which the worker cannot heartbeat):
-  SIGNCLIP_WORKDIR=runs/demo gunicorn -k gthread --threads 32 -w 1 -b 127.0.0.1:3030 \
-      --timeout 600 --no-control-socket 'signclip_jax.serve:create_app()'
+  SIGNCLIP_WORKDIR=runs/demo gunicorn -k signclip_jax.serving.server.ServeWorker \
+      --threads 32 -w 1 -b 127.0.0.1:3030 --timeout 600 --no-control-socket \
+      'signclip_jax.serve:create_app()'
 
 Routes (the original `app.py`'s, reference section 9.1, plus extensions marked +):
   GET|POST /api/embed/text   {"text": str | [str, ...], "model_name"?: str}
@@ -43,14 +44,177 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
+import http
+import json
 import multiprocessing
 import sys
+import time
 from typing import Any
 
 from signclip_jax import cli, extras
 from signclip_jax.errors import UserError
 from signclip_jax.serving.app import create_app
 from signclip_jax.serving.settings import ServeSettings
+from signclip_jax.serving.validation import ApiError, SlowClient
+
+# ---------------------------------------------------------------------------------- worker
+WORKER_CLASS = "signclip_jax.serving.server.ServeWorker"  # for gunicorn's -k / worker_class
+
+
+class _ReadDeadline:
+    """The socket as gunicorn's request parser reads it: each recv() is bounded by a deadline
+    that starts at the first read of a request's headers (or body), so a client that trickles
+    its request cannot hold a request thread for longer than the configured timeout. Past the
+    deadline: SlowClient (408). Everything else is the socket's."""
+
+    def __init__(self, sock: Any):
+        self.sock = sock
+        self.what, self.seconds, self.deadline = "", 0.0, None
+        self.armed = False
+
+    def arm(self, what: str, seconds: float) -> None:
+        """The next recv() starts a deadline of `seconds` for the request's `what`."""
+        self.what, self.seconds, self.deadline, self.armed = what, seconds, None, True
+
+    def disarm(self) -> None:
+        self.deadline, self.armed = None, False
+
+    def recv(self, size: int) -> bytes:
+        if not self.armed:
+            return self.sock.recv(size)
+        now = time.monotonic()
+        if self.deadline is None:
+            self.deadline = now + self.seconds
+        remaining = self.deadline - now
+        if remaining <= 0:
+            raise SlowClient(self.what, self.seconds)
+        prior = self.sock.gettimeout()  # None in a request thread; gunicorn's drain sets one
+        bounded = prior is None or remaining <= prior
+        self.sock.settimeout(remaining if bounded else prior)
+        try:
+            return self.sock.recv(size)
+        except TimeoutError:
+            if bounded:
+                raise SlowClient(self.what, self.seconds) from None
+            raise
+        finally:
+            self.sock.settimeout(prior)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def json_error_response(status: int, message: str) -> bytes:
+    """A complete HTTP/1.1 answer {"error": message, "status": status}, connection closed."""
+    body = json.dumps({"error": message, "status": status}).encode()
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    return head.encode("latin-1") + body
+
+
+class _Captured:
+    """Stands in for the client socket while gunicorn's handle_error writes its HTML answer,
+    so that its status (and its log and access-log lines) stay gunicorn's own."""
+
+    def __init__(self):
+        self.data = b""
+
+    def gettimeout(self) -> float:
+        return 0.0
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+
+@functools.cache
+def serve_worker_class() -> type:
+    """gunicorn's gthread worker, with two changes (gunicorn is imported here: the extra):
+
+    - every error gunicorn answers itself (a bad request line, invalid Content-Length,
+      headers over its limits: before the app sees the request) is JSON
+      {"error", "status"} with gunicorn's status, like the app's own errors;
+    - reading a request's headers and body is bounded by the app's `header_timeout_s` /
+      `body_timeout_s` (408, then the connection closes).
+    TLS and HTTP/2 connections (not configured by `serve`) keep gthread's behaviour.
+    """
+    gthread = extras.require("gunicorn.workers.gthread", "serve", "serve")
+    from gunicorn import http as gunicorn_http
+    from gunicorn import util
+    from gunicorn.http2 import negotiation
+
+    class ServeWorker(gthread.ThreadWorker):
+        _timeouts: tuple[float, float] | None = None
+
+        def timeouts(self) -> tuple[float, float]:
+            """(header, body) seconds from the app's settings (defaults for another app)."""
+            if self._timeouts is None:
+                host = getattr(self.wsgi, "extensions", {}).get("signclip")
+                s = getattr(host, "settings", None) or ServeSettings()
+                self._timeouts = (s.header_timeout_s, s.body_timeout_s)
+            return self._timeouts
+
+        def handle(self, conn):
+            reads = getattr(conn, "signclip_reads", None)
+            plain = not self.cfg.is_ssl and not negotiation.prior_knowledge_allowed(
+                self.cfg, conn.client
+            )
+            if reads is None and conn.parser is None and plain:
+                # What TConn.init() would build, reading through the deadline.
+                reads = conn.signclip_reads = _ReadDeadline(conn.sock)
+                conn.parser = gunicorn_http.get_parser(self.cfg, reads, conn.client)
+            if reads is not None:
+                reads.arm("headers", self.timeouts()[0])
+            try:
+                return super().handle(conn)
+            finally:
+                if reads is not None:
+                    reads.disarm()
+
+        def handle_request(self, req, conn):
+            reads = getattr(conn, "signclip_reads", None)
+            if reads is not None:
+                reads.arm("body", self.timeouts()[1])
+            try:
+                return super().handle_request(req, conn)
+            finally:
+                if reads is not None:  # the drain after the answer keeps gunicorn's limits
+                    reads.disarm()
+
+        def handle_error(self, req, client, addr, exc):
+            if isinstance(exc, ApiError):  # SlowClient while reading headers
+                self.log.info("request from %s refused: %s", (addr or ("",))[0], exc.message)
+                status, message = exc.status, exc.message
+            else:
+                captured = _Captured()
+                super().handle_error(req, captured, addr, exc)
+                try:
+                    status = int(captured.data.split(b" ", 2)[1])
+                except (IndexError, ValueError):
+                    status = 500
+                message = (str(exc) or "bad request") if status < 500 else "internal server error"
+            try:
+                util.write_nonblock(client, json_error_response(status, message))
+            except Exception:
+                self.log.debug("Failed to send error message.")
+
+    ServeWorker.__module__ = __name__
+    ServeWorker.__qualname__ = "ServeWorker"
+    return ServeWorker
+
+
+def __getattr__(name: str) -> Any:
+    # `ServeWorker` is built on first use, so that importing this module needs no gunicorn.
+    if name == "ServeWorker":
+        return serve_worker_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -112,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_items", type=int, default=d.max_items)
     p.add_argument("--max_text_chars", type=int, default=d.max_text_chars)
     p.add_argument("--max_pose_frames", type=int, default=d.max_pose_frames)
+    p.add_argument(
+        "--header_timeout_s",
+        type=float,
+        default=d.header_timeout_s,
+        help="a request's headers must arrive within this time of their first byte (else 408)",
+    )
+    p.add_argument(
+        "--body_timeout_s",
+        type=float,
+        default=d.body_timeout_s,
+        help="a request's body must arrive within this time of its first byte (else 408)",
+    )
     p.add_argument("--no_warm_up", action="store_true", help="compile on first use instead")
     p.add_argument("--timeout", type=int, default=120, help="gunicorn worker timeout (s)")
     p.add_argument("--access_log", action="store_true", help="log every request to stderr")
@@ -142,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         max_items=args.max_items,
         max_text_chars=args.max_text_chars,
         max_pose_frames=args.max_pose_frames,
+        header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s,
         warm_up=not args.no_warm_up,
         exit_on_load_error=True,
     ).validated()
@@ -149,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {
         "bind": f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}",
         "workers": args.workers,
-        "worker_class": "gthread",
+        "worker_class": WORKER_CLASS,  # gthread + JSON errors + read deadlines
         "threads": args.threads,
         "timeout": args.timeout,
         "graceful_timeout": 30,
@@ -198,8 +376,11 @@ def run_gunicorn(settings: ServeSettings, options: dict[str, Any]) -> int:
 
 
 __all__ = [
+    "WORKER_CLASS",
     "build_parser",
+    "json_error_response",
     "main",
     "resolve_checkpoint",
     "run_gunicorn",
+    "serve_worker_class",
 ]

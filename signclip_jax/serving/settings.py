@@ -30,6 +30,11 @@ class ServeSettings:
     max_items: int = 64  # poses (+ videos) or texts per request
     max_text_chars: int = 2000  # per text (the tokenizer keeps text_max_len word pieces anyway)
     max_pose_frames: int = 10_000  # per pose file; frames past max_frames are ignored anyway
+    # A request's headers (body) must arrive within this many seconds of their first byte, or
+    # the client gets 408 and the connection closes: a slow or stalled client cannot hold a
+    # request thread (enforced by server.py's worker class, ServeWorker).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0  # 16 MiB in 60 s: clients slower than ~280 KB/s are cut off
     warm_up: bool = True  # compile every shape before /ready says ready
     # create_app() returns once the model is ready, so a gunicorn worker accepts connections
     # only when it can answer them (gunicorn's --timeout must exceed the load time unless a
@@ -63,6 +68,8 @@ class ServeSettings:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0 or self.request_timeout_s <= 0:
             raise UserError("batch_wait_ms must be >= 0 and request_timeout_s > 0")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise UserError("header_timeout_s and body_timeout_s must be > 0")
         return self
 
 

@@ -32,6 +32,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class SlowClient(ApiError):
+    """408: the client did not send its request headers (or body) within `seconds` of their
+    first byte. Raised by the server worker's socket reads (server.py), never by Flask."""
+
+    def __init__(self, what: str, seconds: float):
+        super().__init__(408, f"request {what} not received within {seconds:g} s")
+
+
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
                float: "number", type(None): "null"}  # fmt: skip
 
@@ -155,13 +163,17 @@ def video_pose_bytes(data: bytes, name: str) -> bytes:
     try:
         return video_input.video_to_pose_bytes(data, name=name)
     except video_input.VideoUnavailable as e:
-        raise ApiError(501, str(e)) from None
+        # The detail names the server's video environment (its paths): the log gets it, the
+        # client only what to install.
+        log.warning("video input refused: %s", e)
+        raise ApiError(501, f"{name}: {video_input.VIDEO_HELP}") from None
     except UserError as e:
         raise ApiError(422, str(e)) from None
 
 
 __all__ = [
     "ApiError",
+    "SlowClient",
     "check_model_name",
     "check_texts",
     "decode_base64",

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from signclip_jax.extras import MissingExtra
 from signclip_jax.serving import app as app_lib
 from signclip_jax.serving import embed as embed_lib
 from signclip_jax.serving import server as server_lib
+from signclip_jax.serving import validation, video_input
 from signclip_jax.serving.batcher import QueueFull
 from signclip_jax.serving.settings import ServeSettings
 from tests.helpers import write_pose
@@ -35,6 +37,7 @@ from tests.helpers import write_pose
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["<en> <ase> house", "<en> <ase> tree", "hello", "<en> <ase> a much longer caption here"]
 LIMITS = dict(max_body_bytes=4 * 2**20, max_items=16, max_text_chars=300, max_pose_frames=200)
+TIMEOUTS = dict(header_timeout_s=2, body_timeout_s=3)  # short, for the slow-client tests
 
 
 def b64(path: Path) -> str:
@@ -113,7 +116,7 @@ def server(tiny_workdir, tmp_path_factory):
     """Two gunicorn workers (each loads the model after fork); not waited for here, so that
     `expected` computes while the workers compile."""
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
-    limits = [f"--{k}={v}" for k, v in LIMITS.items()]
+    limits = [f"--{k}={v}" for k, v in {**LIMITS, **TIMEOUTS}.items()]
     proc, port = start_server(
         [f"--workdir={tiny_workdir}", "--workers=2", "--threads=16", "--batch_size=8", *limits],
         log,
@@ -318,6 +321,73 @@ def test_malformed_inputs_get_4xx_json(api, poses, expected):
     assert "unhandled error" not in log and "Traceback" not in log, log[-3000:]
 
 
+def raw_exchange(port: int, data: bytes, wait_s: float = 15.0) -> tuple[int, dict, float]:
+    """Sends raw bytes, reads until the server closes -> (status, JSON body, seconds)."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer[:500]
+    return int(head.split(b" ", 2)[1]), json.loads(body), time.monotonic() - start
+
+
+def test_protocol_errors_get_4xx_json(api):
+    """Issue 17: errors gunicorn answers before the app sees the request, and a malformed
+    chunked body, are JSON {"error", "status"}, never HTML or a 500."""
+    ok = b"Host: x\r\nContent-Type: application/json\r\n"
+    cases = [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+        (b"POST /api/embed/text HTTP/1.1\r\n" + ok + b"Content-Length: abc\r\n\r\n", 400),
+        (b"POST /api/embed/text HTTP/1.1\r\n" + ok + b"Content-Length: -5\r\n\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+         + b"\r\n", 431),
+        (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"POST /api/embed/text HTTP/1.1\r\n" + ok + b"Transfer-Encoding: chunked\r\n\r\n"
+         b"zz\r\n{}\r\n0\r\n\r\n", 400),
+        (b"POST /api/embed/text HTTP/1.1\r\n" + ok + b"Transfer-Encoding: chunked\r\n\r\n"
+         b"5\r\n{}\r\n0\r\n\r\n", 400),
+    ]  # fmt: skip
+    for data, want in cases:
+        status, body, _ = raw_exchange(api.port, data)
+        assert (status, body["status"]) == (want, want), (data[:80], status, body)
+        assert isinstance(body["error"], str) and body["error"], body
+    assert "Invalid chunk size" in raw_exchange(api.port, cases[-2][0])[1]["error"]
+    status, _, _ = api.request("POST", "/api/embed/text", {"text": TEXTS[0]})
+    assert status == 200
+    log = api.log.read_text()
+    assert "unhandled error" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_slow_clients_are_cut_off_while_others_are_served(api):
+    """Issue 17: more half-sent requests than a worker has request threads (2 x 16) used to
+    hold every thread for good; each now gets 408 within header_timeout_s (body_timeout_s for
+    a half-sent body) of its first byte, and a normal client is answered meanwhile."""
+    half_headers = b"POST /api/embed/text HTTP/1.1\r\nHost: x\r\nContent-Type: app"
+    half_body = (b"POST /api/embed/text HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                 b"Content-Type: application/json\r\n\r\n{\"text\": ")  # fmt: skip
+    slow = [half_headers] * 40 + [half_body] * 2
+    with concurrent.futures.ThreadPoolExecutor(len(slow)) as pool:
+        futures = [pool.submit(raw_exchange, api.port, data, 30.0) for data in slow]
+        time.sleep(0.5)  # every thread of both workers is now waiting on a slow client
+        start = time.monotonic()
+        status, _, data = api.request("POST", "/api/embed/text", {"text": TEXTS[0]})
+        served_s = time.monotonic() - start
+        results = [f.result(timeout=60) for f in futures]
+    assert status == 200 and np.shape(data["embeddings"]) == (1, 32)
+    assert served_s < TIMEOUTS["header_timeout_s"] + 8, served_s
+    for (status, body, took), data in zip(results, slow):
+        limit = TIMEOUTS["header_timeout_s" if data is half_headers else "body_timeout_s"]
+        what = "headers" if data is half_headers else "body"
+        assert (status, body["status"]) == (408, 408), body
+        assert body["error"] == f"request {what} not received within {limit:g} s"
+        assert limit - 0.5 < took < limit + 8, (what, took)
+
+
 def _worker_peak_rss(master: int) -> dict[int, int]:
     """pid -> peak RSS in bytes (VmHWM) of each gunicorn worker (children of `master`)."""
     out = {}
@@ -361,7 +431,7 @@ def test_video_field_without_video_support(api):
     it the answer says so (501), never a 500."""
     status, _, data = api.request("POST", "/api/embed/pose", {"video": "AAAA"})
     if status == 501:
-        assert "optional video environment" in data["error"]
+        assert data["error"] == "'video'[0]: " + video_input.VIDEO_HELP  # no server paths
     else:  # the video module exists in this tree: four zero bytes are no video
         assert status == 422 and "video" in data["error"]
 
@@ -522,6 +592,44 @@ def test_full_queue_is_a_503_with_retry_after():
         host.embed([], ["a"])
     assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
     assert e.value.message == "server busy: too many requests waiting"
+
+
+def test_video_unavailable_names_no_server_path(monkeypatch):
+    """The video module's detail names its virtualenv on the server: logged, not answered."""
+
+    def unavailable(data, *, name):
+        raise video_input.VideoUnavailable(
+            f"{name}: {video_input.VIDEO_HELP} (/srv/secret/venv/bin/python: not found)"
+        )
+
+    monkeypatch.setattr(video_input, "video_to_pose_bytes", unavailable)
+    with pytest.raises(validation.ApiError) as e:
+        validation.video_pose_bytes(b"0000", "'video'[0]")
+    assert e.value.status == 501 and e.value.message == "'video'[0]: " + video_input.VIDEO_HELP
+
+
+def test_read_deadline_and_json_errors_units():
+    """ServeWorker's pieces: settings validation, the JSON error bytes, the read deadline."""
+    with pytest.raises(UserError, match="header_timeout_s"):
+        ServeSettings(workdir="/w", header_timeout_s=0).validated()
+    s = ServeSettings.from_env({"SIGNCLIP_WORKDIR": "/w", "SIGNCLIP_BODY_TIMEOUT_S": "7.5"})
+    assert (s.header_timeout_s, s.body_timeout_s) == (10.0, 7.5)
+    raw = server_lib.json_error_response(431, "too big")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert json.loads(body) == {"error": "too big", "status": 431}
+    assert f"Content-Length: {len(body)}".encode() in head
+    a, b = socket.socketpair()
+    with a, b:
+        reads = server_lib._ReadDeadline(a)
+        b.sendall(b"GET")
+        assert reads.recv(10) == b"GET"  # not armed: a plain read
+        reads.arm("headers", 0.3)
+        start = time.monotonic()
+        with pytest.raises(validation.SlowClient, match=r"headers not received within 0\.3 s"):
+            while True:
+                reads.recv(10)
+        assert 0.25 < time.monotonic() - start < 2 and a.gettimeout() is None
 
 
 # ---------------------------------------------------------------------------------- no Flask
