@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -47,6 +48,9 @@ class DamagedCheckpoint(UserError):
 
 
 # ------------------------------------------------------------------------- damaged checkpoints
+_NEVER_AWAITED = r"coroutine '.*' was never awaited"
+
+
 class _DropAll(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return False
@@ -69,6 +73,8 @@ def _drop_closed_loop_callbacks() -> None:
 
     hook._signclip_drops_closed_loop = True
     sys.unraisablehook = hook
+    # The same reads' coroutines, finalised after the error was handled: "never awaited".
+    warnings.filterwarnings("ignore", _NEVER_AWAITED, RuntimeWarning)
 
 
 @contextlib.contextmanager
@@ -83,9 +89,13 @@ def _quiet_async() -> Iterator[None]:
     asyncio_log.addFilter(drop)
     sys.unraisablehook = lambda unraisable: None
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _NEVER_AWAITED, RuntimeWarning)
+            try:
+                yield
+            finally:
+                gc.collect()  # finalise the failed read's coroutines now, not at exit
     finally:
-        gc.collect()  # finalise the failed read's coroutines now, not at interpreter exit
         sys.unraisablehook = hook
         asyncio_log.removeFilter(drop)
 
