@@ -32,6 +32,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from signclip_jax import checkpoint as ckpt_lib
+from signclip_jax import files
 from signclip_jax import run as run_lib
 from signclip_jax.data import pipeline, sources, text
 from signclip_jax.errors import UserError
@@ -72,7 +73,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     log.setLevel(logging.INFO)
     workdir = str(workdir)
-    local_workdir = "://" not in workdir
+    local_workdir = not files.is_remote(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         if local_workdir:

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from signclip_jax import files
+
 log = logging.getLogger("signclip_jax.train")
 
 
@@ -24,7 +26,7 @@ class MetricWriter:
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
         self.path = epath.Path(workdir) / "metrics.jsonl"
-        self._remote = "://" in str(workdir)
+        self._remote = files.is_remote(workdir)
         self._tb = None
         if enabled:
             try:
@@ -69,7 +71,7 @@ def enable_compilation_cache(path: str | None) -> str | None:
     """
     if not path:
         return None
-    path = path if "://" in path else os.path.expanduser(path)
+    path = path if files.is_remote(path) else os.path.expanduser(path)
     jax.config.update("jax_compilation_cache_dir", path)  # also after earlier compiles (tested)
     return path
 

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from signclip_jax import files
 from signclip_jax.errors import UserError
 
 
@@ -55,7 +56,7 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: str | os.PathLike):
-        self.path = None if "://" in str(workdir) else Path(workdir) / "train.lock"
+        self.path = None if files.is_remote(workdir) else Path(workdir) / "train.lock"
 
     def __enter__(self) -> WorkdirLock:
         if self.path is None:

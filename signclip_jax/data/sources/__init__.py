@@ -34,6 +34,7 @@ import os
 from pathlib import Path
 
 from signclip_jax import config as config_lib
+from signclip_jax import files
 from signclip_jax.data.sources.common import SPLITS, make_record, normalize_split
 from signclip_jax.data.sources.manifest import ManifestSource
 from signclip_jax.data.sources.packed import (
@@ -102,7 +103,7 @@ def make_source(config, *, split: str | None = None, workdir: str | None = None)
     if kind == "synthetic":
         folder = config_lib.get(data, "synthetic_dir", "")
         if not folder:
-            if not workdir or "://" in str(workdir):
+            if not workdir or files.is_remote(workdir):
                 raise UserError("data.source='synthetic' needs data.synthetic_dir")
             folder = os.path.join(str(workdir), "synthetic_data")
         csv_path = ensure_synthetic(
