@@ -102,6 +102,71 @@ def retrieval_metrics(
 
 
 # ---------------------------------------------------------------------------------------------
+# Notes: evaluations whose numbers say nothing (one example, one class, k >= candidates). The
+# scores stay as defined; the notes travel with them ("notes" in the result dicts) so that a
+# report never shows a trivially perfect number without saying so.
+
+
+def _k_over(ks: Sequence[int], n: int, what: str, metric: str, candidates: str) -> str:
+    """'' or a note for the ks whose top k holds every one of `n` candidates: "{what}R@5,
+    R@10 over 3 candidate texts: ..." (metric "R@{k}")."""
+    over = [k for k in ks if k >= n]
+    if not over or n < 1:
+        return ""
+    listed = what + ", ".join(metric.format(k=k) for k in over)
+    verb = "exceeds" if min(over) > n else "is at least"
+    these = "it is" if len(over) == 1 else "they are"
+    return (
+        f"{listed} over {n} candidate {candidates}: k {verb} the number of candidates, so "
+        f"{these} trivially 1"
+    )
+
+
+def retrieval_notes(
+    num_examples: int, num_classes: int, ks: Sequence[int] = KS, *, standard: bool = False
+) -> list[str]:
+    """Notes on retrieval numbers that are trivially perfect.
+
+    One example: every score is perfect. One class (all texts equal): V2T has one candidate
+    text. T2V (and std/*) rank `num_examples` poses (std/v2t: as many text rows), V2T ranks
+    `num_classes` texts: R@k with k >= candidates is 1 whatever the model.
+    """
+    if num_examples == 1:
+        return [
+            "only 1 example: retrieval scores are trivially perfect (every R@k 1, every rank "
+            "1; T2V P@k is 1/k, its best)"
+        ]
+    if num_examples < 1:
+        return []
+    notes = []
+    if num_classes == 1:
+        notes.append(
+            f"only 1 class (all {num_examples} examples share one text): V2T has a single "
+            "candidate text, so its scores are trivially perfect"
+        )
+    t2v = "T2V and std " if standard else "T2V "
+    notes.append(_k_over(ks, num_examples, t2v, "R@{k}", "poses"))
+    if num_classes > 1:
+        notes.append(_k_over(ks, num_classes, "V2T ", "R@{k}", "texts"))
+    return [n for n in notes if n]
+
+
+def recognition_notes(
+    num_examples: int, num_classes: int, ks: Sequence[int] = KS, *, what: str = "test"
+) -> list[str]:
+    """Notes on recognition numbers (top-k accuracy over `num_classes` candidate classes,
+    `num_examples` scored examples) that are trivial: one class, k >= classes, one example."""
+    notes = []
+    if num_examples == 1:
+        notes.append(f"only 1 {what} example: each score is 0 or 1, not an average")
+    if num_classes == 1:
+        notes.append("only 1 class: every example is classified correctly, trivially")
+    elif num_classes > 1:
+        notes.append(_k_over(ks, num_classes, "", "top{k}", "classes"))
+    return [n for n in notes if n]
+
+
+# ---------------------------------------------------------------------------------------------
 # Block-wise ranks: the same definitions without ever holding an [N, N] score matrix.
 #
 # Every retrieval number above is a function of one rank per (query, gold candidate) pair:
@@ -416,7 +481,8 @@ def few_shot_knn(
     StandardScaler + KNeighborsClassifier(n_neighbors), predict_proba, top-k accuracy with
     scikit-learn's tie rule, median rank as the script. Returns {str(shots): {"top1": mean
     over draws, "top1_std": population std, ..., "MedianR", "MedianR_std", "protocol": draw 0's
-    numbers, "n_neighbors", "train_examples", "test_examples", "classes", "draws"}}.
+    numbers, "n_neighbors", "train_examples", "test_examples", "classes", "draws", and "notes"
+    (`recognition_notes`) when the numbers are trivial}}.
     """
     neighbors = extras.require("sklearn.neighbors", "eval", "few-shot k-NN")
     sk_pipeline = extras.require("sklearn.pipeline", "eval", "few-shot k-NN")
@@ -473,6 +539,9 @@ def _summarise_draws(results: list[dict], ks: Sequence[int]) -> dict:
     for key in ("n_neighbors", "train_examples", "test_examples", "classes"):
         out[key] = first.get(key)
     out["draws"] = len(done)
+    notes = recognition_notes(done[0]["test_examples"], done[0]["classes"], ks)
+    if notes:
+        out["notes"] = notes
     return out
 
 
@@ -492,7 +561,8 @@ def linear_probe(
     Test rows with a label unseen in training are dropped (and, with `filter_train`, training
     rows with a label absent from the test set, as the script does for sem_lex); then
     LogisticRegression(random_state=seed, max_iter=max_iter) (lbfgs, L2, C=1) on the raw
-    embeddings; top-k accuracy (scikit-learn ties) and the script's median rank.
+    embeddings; top-k accuracy (scikit-learn ties) and the script's median rank; "notes"
+    (`recognition_notes`) when some number is trivial (one test example, k >= classes).
     """
     exceptions = extras.require("sklearn.exceptions", "eval", "the linear probe")
     linear_model = extras.require("sklearn.linear_model", "eval", "the linear probe")
@@ -527,4 +597,7 @@ def linear_probe(
         classes=len(classes),
         converged=not any(issubclass(w.category, exceptions.ConvergenceWarning) for w in caught),
     )
+    notes = recognition_notes(len(test_rows), len(classes), ks)
+    if notes:
+        out["notes"] = notes
     return out

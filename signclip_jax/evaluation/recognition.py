@@ -52,13 +52,17 @@ def zero_shot(
     rendered into prompts for that pair, merged by class key (first occurrence kept); a pose's
     gold is its own class key. Ties rank the earlier class first (as V2T). Returns top-k
     accuracy, median/mean rank (1-based), classes, examples; per language pair too when there
-    are several. pose_emb [N, H]; `embed_prompts(list of prompts) -> {prompt: [H] embedding}`.
+    are several; "notes" (a list of str, only when there is one) when some number is trivial
+    (metrics.recognition_notes: one pose, one class, k >= classes; per pair prefixed "<pair>: ").
+    pose_emb [N, H]; `embed_prompts(list of prompts) -> {prompt: [H] embedding}`.
     """
     block = block_elems or metrics.DEFAULT_BLOCK_ELEMS
     pose = np.asarray(pose_emb, np.float64)
     ranks = np.zeros(len(gold_keys), np.int64)
     per_group: dict[str, dict] = {}
     n_classes = 0
+    several = len(set(groups)) > 1
+    notes: list[str] = []
     for group in sorted(set(groups)):
         rows = np.array([i for i, g in enumerate(groups) if g == group], np.int64)
         prompts = [render(t, *group) for t in vocab]
@@ -80,13 +84,15 @@ def zero_shot(
         )
         ranks[rows] = r
         n_classes = max(n_classes, len(cand_keys))
-        per_group["/".join(group)] = _accuracy(r, ks) | {
-            "classes": len(cand_keys),
-            "examples": len(rows),
-        }
+        name = "/".join(group)
+        per_group[name] = _accuracy(r, ks) | {"classes": len(cand_keys), "examples": len(rows)}
+        sub_notes = metrics.recognition_notes(len(rows), len(cand_keys), ks, what="pose")
+        notes += [f"{name}: {n}" if several else n for n in sub_notes]
     out: dict[str, Any] = _accuracy(ranks, ks) | {"classes": n_classes, "examples": len(ranks)}
-    if len(per_group) > 1:
+    if several:
         out["by_language"] = per_group
+    if notes:
+        out["notes"] = notes
     return out
 
 

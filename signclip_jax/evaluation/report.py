@@ -140,30 +140,34 @@ def plot_split(
 
 
 def _flatten(results: dict[str, Any]) -> list[tuple[str, str, str, Any]]:
-    """(task, group, metric, value) rows for the CSV."""
+    """(task, group, metric, value) rows for the CSV; each note of a task is a row with
+    metric "note" and the text as value."""
     rows: list[tuple[str, str, str, Any]] = []
     for task in TASKS:
         res = results.get(task)
         if not isinstance(res, dict):
             continue
+        values = {k: v for k, v in res.items() if k != "notes"}
         if task == "retrieval":
-            for k, v in res.items():
+            for k, v in values.items():
                 group, _, metric = k.rpartition("/") if k.startswith("lang/") else ("", "", k)
                 rows.append((task, group, metric, v))
         elif task == "zeroshot":
-            for k, v in res.items():
+            for k, v in values.items():
                 if k == "by_language":
                     for g, sub in v.items():
                         rows += [(task, g, m, x) for m, x in sub.items()]
                 else:
                     rows.append((task, "", k, v))
         elif task == "fewshot":
-            for shots, sub in res.get("shots", {}).items():
+            for shots, sub in values.get("shots", {}).items():
                 for m, x in sub.items():
                     if isinstance(x, (int, float, str)):
                         rows.append((task, f"{shots}-shot", m, x))
+                rows += [(task, f"{shots}-shot", "note", n) for n in sub.get("notes", [])]
         else:
-            rows += [(task, "", m, x) for m, x in res.items() if not isinstance(x, dict)]
+            rows += [(task, "", m, x) for m, x in values.items() if not isinstance(x, (dict, list))]
+        rows += [(task, "", "note", n) for n in res.get("notes", [])]
     return rows
 
 
@@ -247,12 +251,14 @@ def format_table(results: dict[str, Any]) -> str:
                     "n": int(sub["examples"]),
                 }
                 lines.append(row(lang, values, tuple(values)))
+        lines += _notes(r)
     z = results.get("zeroshot")
     if z:
         lines.append(f"zero-shot recognition ({z['classes']} classes, {z['examples']} poses)")
         lines.append(row("all", z, ("top1", "top5", "top10", "MedianR", "MeanR")))
         for g, sub in z.get("by_language", {}).items():
             lines.append(row(g, sub, ("top1", "top5", "top10", "MedianR", "classes")))
+        lines += _notes(z)
     f = results.get("fewshot")
     if f:
         lines.append(
@@ -271,6 +277,8 @@ def format_table(results: dict[str, Any]) -> str:
                 f"(k={sub['n_neighbors']}, {sub['train_examples']} support, "
                 f"{sub['test_examples']} test, {sub['classes']} classes)"
             )
+            lines += _notes(sub, f"{shots}-shot: ")
+        lines += _notes(f)
     p = results.get("probe")
     if p:
         lines.append("linear probe (logistic regression, train -> eval split)")
@@ -278,10 +286,16 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"  skipped: {p['skipped']}")
         else:
             lines.append(row("all", p, ("top1", "top5", "top10", "MedianR", "classes")))
+        lines += _notes(p)
     written = results.get("files", {})
     if written:
         lines.append("files: " + ", ".join(str(v) for v in written.values()))
     return "\n".join(lines)
+
+
+def _notes(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """A task's notes (trivial numbers: metrics.retrieval_notes / recognition_notes) as lines."""
+    return [f"  note: {prefix}{n}" for n in d.get("notes", [])]
 
 
 def _sub(d: dict[str, Any], prefix: str) -> dict[str, Any]:

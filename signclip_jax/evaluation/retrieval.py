@@ -307,21 +307,24 @@ def evaluate_retrieval(
     ks: Sequence[int] = metrics.KS,
     block_elems: int | None = None,
     standard: bool = True,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Retrieval metrics of one split, block-wise (no [N, N] matrix).
 
     pose_emb, text_emb [N, H] (row i = example i), texts [N] class strings (prompts; equal
     strings are one class). Keys: t2v/* and v2t/* (the original definitions, identical to
     metrics.retrieval_metrics), std/t2v/* and std/v2t/* (per-example ranks) with `standard`,
     "examples"; with `languages` [N] naming more than one language, lang/<code>/<key> for
-    retrieval restricted to that language's examples.
+    retrieval restricted to that language's examples; "notes" (a list of str, only when there
+    is one) when some number is trivial (metrics.retrieval_notes: one example, one class,
+    k >= candidates), per language prefixed "<code>: ".
     """
     block = block_elems or metrics.DEFAULT_BLOCK_ELEMS
     texts = [str(t) for t in texts]
-    out = metrics.retrieval_metrics_blocked(
+    out: dict[str, Any] = metrics.retrieval_metrics_blocked(
         pose_emb, text_emb, texts, ks, block_elems=block, standard=standard
     )
     out["examples"] = float(len(texts))
+    notes = metrics.retrieval_notes(len(texts), len(set(texts)), ks, standard=standard)
     if languages is not None and len(set(languages)) > 1:
         languages = list(languages)
         for lang in sorted(set(languages)):
@@ -336,6 +339,11 @@ def evaluate_retrieval(
             )
             out.update({f"lang/{lang}/{k}": v for k, v in sub.items()})
             out[f"lang/{lang}/examples"] = float(len(rows))
+            sub_texts = {texts[i] for i in rows}
+            sub_notes = metrics.retrieval_notes(len(rows), len(sub_texts), ks, standard=standard)
+            notes += [f"{lang}: {n}" for n in sub_notes]
+    if notes:
+        out["notes"] = notes
     return out
 
 

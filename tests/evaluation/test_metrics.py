@@ -334,3 +334,51 @@ def test_linear_probe_equals_sklearn():
     filtered = metrics.linear_probe(xtr, ttr, xte, tte, filter_train=True)
     assert filtered["classes"] == 11  # the never-tested class left out of training
     assert "skipped" in metrics.linear_probe(xtr[:3], ["a"] * 3, xte, tte)
+
+
+def test_notes_name_trivially_perfect_retrieval():
+    assert metrics.retrieval_notes(1, 1)[0].startswith(
+        "only 1 example: retrieval scores are trivially perfect"
+    )
+    assert metrics.retrieval_notes(50, 20) == []  # nothing trivial
+    notes = metrics.retrieval_notes(5, 3, standard=True)
+    assert notes == [
+        "T2V and std R@5, R@10 over 5 candidate poses: k is at least the number of "
+        "candidates, so they are trivially 1",
+        "V2T R@5, R@10 over 3 candidate texts: k exceeds the number of candidates, so they "
+        "are trivially 1",
+    ]
+    one_class = metrics.retrieval_notes(8, 1)
+    assert one_class[0].startswith("only 1 class (all 8 examples share one text): V2T")
+    assert one_class[1:] == [
+        "T2V R@10 over 8 candidate poses: k exceeds the number of candidates, so it is trivially 1"
+    ]
+    # The notes describe the numbers: one example really scores 1 everywhere.
+    pose, text = np.eye(3)[:1], np.eye(3)[1:2]  # even an orthogonal (useless) pair
+    single = metrics.retrieval_metrics(pose, text, ["a"])
+    assert {v for k, v in single.items() if "/P@" not in k} == {1.0}
+    assert [single[f"t2v/P@{k}"] for k in (1, 5, 10)] == [1.0, 1 / 5, 1 / 10]
+
+
+def test_notes_name_trivial_recognition_numbers():
+    assert metrics.recognition_notes(40, 20) == []
+    assert metrics.recognition_notes(1, 20) == [
+        "only 1 test example: each score is 0 or 1, not an average"
+    ]
+    assert metrics.recognition_notes(9, 1) == [
+        "only 1 class: every example is classified correctly, trivially"
+    ]
+    assert metrics.recognition_notes(9, 7) == [
+        "top10 over 7 candidate classes: k exceeds the number of candidates, so it is trivially 1"
+    ]
+
+
+def test_few_shot_and_probe_carry_notes_when_trivial():
+    xtr, ttr, xte, tte = _classes_data(2, n_classes=4, n_train=40, n_test=1)
+    probe = metrics.linear_probe(xtr, ttr, xte, tte)
+    assert probe["notes"] == metrics.recognition_notes(1, 4)
+    assert any("only 1 test example" in n for n in probe["notes"])
+    fs = metrics.few_shot_knn(xtr, ttr, xte, tte, shots=(1,), draws=2)["1"]
+    assert fs["classes"] == 1 and fs["notes"][-1].startswith("only 1 class")
+    big = _classes_data(3, n_classes=12, n_train=150, n_test=60)
+    assert "notes" not in metrics.linear_probe(*big)  # 11 classes tested, k <= 10: nothing trivial

@@ -55,3 +55,35 @@ def test_few_shot_and_probe_without_scikit_learn_name_the_eval_extra(monkeypatch
         ev.few_shot(emb, keys, emb, keys)
     with pytest.raises(extras.MissingExtra, match=r"probe .*signclip-jax\[eval\]"):
         ev.probe(emb, keys, emb, keys)
+
+
+def test_zero_shot_notes_one_class_and_k_over_the_classes():
+    rng = np.random.default_rng(2)
+
+    def render(text, spoken, signed):
+        return f"<{spoken}> <{signed}> {text}"
+
+    vocab = [f"w{i}" for i in range(12)]
+    table = {render(t, "en", g): rng.normal(size=4) for t in vocab for g in ("ase", "bfi")}
+
+    def embed(ps):
+        return {p: table[p] for p in ps}
+
+    pose = rng.normal(size=(6, 4))
+    groups = [("en", "ase")] * 6
+    gold = [render(vocab[i], "en", "ase") for i in range(6)]
+    assert "notes" not in ev.zero_shot(pose, gold, groups, vocab, render, embed)
+    few = ev.zero_shot(pose, gold, groups, vocab[:6], render, embed)  # 6 classes: top10 trivial
+    assert few["notes"] == [
+        "top10 over 6 candidate classes: k exceeds the number of candidates, so it is trivially 1"
+    ]
+    assert few["top10"] == 1.0
+    single = ev.zero_shot(pose[:3], [gold[0]] * 3, groups[:3], vocab[:1], render, embed)
+    assert single["top1"] == 1.0 and single["notes"] == [
+        "only 1 class: every example is classified correctly, trivially"
+    ]
+    # Several language pairs: each pair's notes under its name.
+    mixed = [("en", "ase")] * 5 + [("en", "bfi")]
+    gold_m = [render(vocab[i], *g) for i, g in enumerate(mixed)]
+    out = ev.zero_shot(pose, gold_m, mixed, vocab, render, embed)
+    assert out["notes"] == ["en/bfi: only 1 pose example: each score is 0 or 1, not an average"]

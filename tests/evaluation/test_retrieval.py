@@ -144,3 +144,28 @@ def test_embed_split_keeps_source_order_skips_unusable_and_reads_metadata_lazily
     assert source.reads == reads + 6  # metadata read back once, on first use
     assert data.texts == ["w0", "w1", "w0", "w1", "w2", "w0"] and source.reads == reads + 6
     assert data.ids[2] == "r3" and list(data.labels) == [-1] * 6
+
+
+def test_evaluate_retrieval_notes_degenerate_splits():
+    rng = np.random.default_rng(5)
+    pose, text = rng.normal(size=(30, 4)), rng.normal(size=(30, 4))
+    texts = [f"w{i}" for i in range(30)]
+    assert "notes" not in ev.evaluate_retrieval(pose, text, texts)  # 30 distinct: nothing trivial
+    one = ev.evaluate_retrieval(pose[:1], text[:1], texts[:1])
+    assert one["notes"] == metrics.retrieval_notes(1, 1, standard=True)
+    assert one["v2t/R@1"] == one["t2v/R@1"] == 1.0  # what the note warns about
+    small = ev.evaluate_retrieval(pose[:5], text[:5], texts[:5], standard=False)
+    assert small["notes"] == [
+        "T2V R@5, R@10 over 5 candidate poses: k is at least the number of candidates, so they "
+        "are trivially 1",
+        "V2T R@5, R@10 over 5 candidate texts: k is at least the number of candidates, so they "
+        "are trivially 1",
+    ]
+    assert small["t2v/R@5"] == small["v2t/R@10"] == 1.0
+    same = ev.evaluate_retrieval(pose[:20], text[:20], ["w"] * 20)
+    assert same["notes"][0].startswith("only 1 class (all 20 examples share one text)")
+    assert same["v2t/R@1"] == 1.0
+    # Per language: a language with one example says so, under its code.
+    langs = ["ase"] * 29 + ["bfi"]
+    out = ev.evaluate_retrieval(pose, text, texts, languages=langs)
+    assert out["notes"] == [f"bfi: {n}" for n in metrics.retrieval_notes(1, 1, standard=True)]

@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import logging
 import os
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,9 @@ PANDAS_NA_STRINGS = frozenset(
 )  # fmt: skip
 
 SPREADTHESIGN_COLUMNS = ("pose", "videoLanguage", "language", "text")
+
+# Undecodable bytes, as Python's surrogateescape error handler keeps them.
+_ESCAPED = re.compile("[\udc80-\udcff]")
 
 
 def generate_split_ids(
@@ -81,13 +87,44 @@ def read_split_file(path: str | os.PathLike) -> list[int]:
     return out
 
 
-def _read_csv_rows(path: str | os.PathLike) -> list[list[str]]:
+def _read_csv_rows(path: str | os.PathLike) -> tuple[list[list[str]], list[int]]:
+    """The CSV's non-blank rows and the line each starts on.
+
+    Bytes that are not UTF-8 are kept as surrogate escapes (`_bad_byte` finds them), so one
+    bad row is that row's problem (with its line), not the whole file's.
+    """
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            # pandas skips blank lines (skip_blank_lines=True), so they take no row index.
-            return [row for row in csv.reader(f) if row]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read metadata CSV {path}: {e}") from None
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read metadata CSV {path}: {e.strerror or e}") from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    reader = csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
+    rows, lines, end = [], [], 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            # Rows are addressed by index (split files): a row cannot be dropped here.
+            raise DataError(f"metadata CSV {path} line {end + 1}: {e}") from None
+        # pandas skips blank lines (skip_blank_lines=True), so they take no row index.
+        if row:
+            rows.append(row)
+            lines.append(end + 1)
+        end = reader.line_num
+    return rows, lines
+
+
+def _bad_byte(cells: Sequence[str]) -> str:
+    """'' or 'not UTF-8 text (byte 0xe9)' when a cell holds an undecodable byte."""
+    for cell in cells:
+        m = _ESCAPED.search(cell)
+        if m:
+            return f"not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x})"
+    return ""
 
 
 def _detect_layout(first: list[str]) -> tuple[dict[str, int], bool]:
@@ -139,11 +176,12 @@ class SpreadthesignSource:
             raise DataError(f"metadata CSV {self.csv_path} does not exist")
         if not os.path.isdir(self.pose_dir):
             raise DataError(f"pose directory {self.pose_dir} does not exist")
-        rows = _read_csv_rows(self.csv_path)
+        rows, lines = _read_csv_rows(self.csv_path)
         if not rows:
             raise DataError(f"metadata CSV {self.csv_path} is empty")
         columns, has_header = _detect_layout(rows[0])
         data = rows[1:] if has_header else rows
+        data_lines = lines[1:] if has_header else lines
         self.num_rows = len(data)
         self.columns = columns
 
@@ -174,7 +212,7 @@ class SpreadthesignSource:
         self.skipped: list[tuple[str, str]] = []
         for i in ids:
             row = data[i]
-            name = f"{self.csv_path} row {i}"
+            name = f"{self.csv_path} row {i} (line {data_lines[i]})"
             if len(row) < width:
                 if langs is not None and len(row) > columns["language"]:
                     if row[columns["language"]] not in langs:
@@ -183,6 +221,10 @@ class SpreadthesignSource:
                 continue
             spoken = row[columns["language"]]
             if langs is not None and spoken not in langs:
+                continue
+            bad = _bad_byte([row[columns[c]] for c in SPREADTHESIGN_COLUMNS])
+            if bad:
+                self.skipped.append((name, bad))
                 continue
             pose = row[columns["pose"]].strip()
             if not pose:
@@ -202,8 +244,15 @@ class SpreadthesignSource:
             self._rows = kept
         for name, reason in self.skipped[:5]:
             log.warning("skipping %s: %s", name, reason)
-        if len(self.skipped) > 5:
-            log.warning("... %d rows skipped in total in %s", len(self.skipped), self.csv_path)
+        if self.skipped:
+            log.warning(
+                "%s: %d of %d rows of split %r skipped as unusable%s",
+                self.csv_path,
+                len(self.skipped),
+                len(self.skipped) + len(self._rows),
+                self.split,
+                " (the first 5 are listed above)" if len(self.skipped) > 5 else "",
+            )
 
     def __len__(self) -> int:
         return len(self._rows)

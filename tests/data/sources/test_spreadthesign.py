@@ -133,8 +133,29 @@ def test_nan_text_and_malformed_rows(synth, tmp_path):
     path = write_csv(tmp_path / "m.csv", list(sources.SPREADTHESIGN_COLUMNS), body)
     src = sources.SpreadthesignSource(path, pose_dir, split="all")
     assert [src[i]["text"] for i in range(len(src))] == ["nan", "nan", "nan", "house"]
-    assert [name.split()[-1] for name, _ in src.skipped] == ["4", "5"]
+    assert [name for name, _ in src.skipped] == [f"{path} row 4 (line 6)", f"{path} row 5 (line 7)"]
     assert all("malformed row" in reason for _, reason in src.skipped)
+
+
+def test_a_row_that_is_not_utf8_is_skipped_with_its_line_and_keeps_row_ids(synth, tmp_path):
+    _, pose_dir, rows = synth
+    f = rows[0][0].encode()
+    path = tmp_path / "m.csv"
+    path.write_bytes(
+        b"\xef\xbb\xbfpose,videoLanguage,language,text\n"
+        + f + b',ase,en,"two\nlines"\n'
+        + f + b",ase,en,caf\xe9\n"  # Latin-1, not UTF-8
+        + f + b",ase,de,caf\xe9\n"  # another language: filtered, not counted
+        + f + b",ase,en,house\n"
+    )  # fmt: skip
+    src = sources.SpreadthesignSource(path, pose_dir, split="all")
+    assert src.columns["pose"] == 0  # the byte-order mark is not part of the header
+    assert src.row_ids() == [0, 3] and [src[i]["text"] for i in range(2)] == ["two\nlines", "house"]
+    assert src.skipped == [(f"{path} row 1 (line 4)", "not UTF-8 text (byte 0xe9)")]
+    big = tmp_path / "big.csv"
+    big.write_bytes(b"pose,videoLanguage,language,text\n" + f + b",ase,en," + b"x" * 200000 + b"\n")
+    with pytest.raises(DataError, match=rf"metadata CSV {big} line 2: field larger than"):
+        sources.SpreadthesignSource(big, pose_dir, split="all")
 
 
 def test_missing_pose_files_kept_or_dropped(synth, tmp_path):
