@@ -17,11 +17,15 @@ has the 404 keys (baseline_temporal) that MMFusionSeparate holds under transform
 original's inference environment; `--position_ids` adds the two `position_ids` buffers that
 transformers < 4.31 (its training environment, 3.4.0) also keeps, for a strict load there.
 
-from-pytorch reads with `torch.load(weights_only=True)` only (plain containers, tensors and a
-few numpy/argparse data types that fairseq checkpoints hold); a pickle that needs anything
-else is refused. Architecture comes from the tensor shapes; the number of attention heads does
-not show in any shape, so it comes from the file's own config (our exports), `--num_heads`, or
-the config of `--text_model` (whose tokenizer the checkpoint needs anyway).
+from-pytorch runs nothing from the file (interop/safe_pickle.py, driven by torch.load): tensors,
+plain containers and a few numpy/argparse data types are read for real; objects of other
+classes in the metadata (fairseq configs, meters, version objects) become inert placeholders,
+reported in one warning line; a pickle that names code (os.system, eval, ...) is refused. A
+release folder must hold float tensors only, and without its tokenizer files the text model's
+tokenizer is used (a warning says which). Architecture comes from the tensor shapes; the number
+of attention heads does not show in any shape, so it comes from the file's own config (our
+exports), `--num_heads`, or the config of `--text_model` (whose tokenizer the checkpoint needs
+anyway).
 
 Both directions need PyTorch, an optional extra (`pip install 'signclip-jax[torch]'`): it
 is imported where it is used, so `--help` works without it and a missing torch is one line.
@@ -39,7 +43,6 @@ import argparse
 import collections
 import json
 import logging
-import pickle
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -277,47 +280,36 @@ def _note_original_settings(run) -> None:
 
 
 # ------------------------------------------------------------------------------ from-pytorch
-def _safe_globals() -> list[Any]:
-    """Data-only types fairseq checkpoints hold besides tensors (numpy scalars in metrics and
-    val_loss, argparse.Namespace `args` of older fairseq). Nothing here runs code."""
-    core = np._core.multiarray
-    allowed: list[Any] = [np.dtype, np.ndarray, argparse.Namespace]
-    for fn in (core.scalar, core._reconstruct):
-        allowed += [fn, (fn, f"numpy.core.multiarray.{fn.__name__}")]  # numpy 1.x pickles
-    kinds = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
-    allowed += sorted({type(np.dtype(k)) for k in kinds}, key=str)
-    return allowed
+def _safe_pickle(what: str) -> ModuleType:
+    """signclip_jax.interop.safe_pickle (torch's unpickler machinery: imported with torch)."""
+    _torch(what)
+    from signclip_jax.interop import safe_pickle
+
+    return safe_pickle
 
 
 def load_torch_file(path: str | Path) -> Any:
-    """torch.load with weights_only=True (plus `_safe_globals`), on the CPU.
+    """A torch.save file (zip or legacy format) read on the CPU by `safe_pickle`: tensors exactly
+    as torch.load(weights_only=True) reads them; objects of other classes (fairseq configs,
+    meters, version objects) as inert placeholders (`safe_pickle.placeholders_in` finds them).
 
-    A pickle that needs other code is a UserError naming the globals it asks for.
+    A pickle that names code (os.system, eval, subprocess, ...) is a UserError; nothing of the
+    file is run either way.
     """
-    torch = _torch(FROM_PYTORCH)
+    safe_pickle = _safe_pickle(FROM_PYTORCH)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--input {path} does not exist")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        try:
-            needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:
-            raise DataError(f"cannot read {path}: not a torch.save checkpoint") from None
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals() if callable(g)}
-        needed = [g for g in needed if g not in allowed]
-        if not needed:
-            raise DataError(f"cannot read {path}: {str(e).splitlines()[0][:300]}") from None
+        return safe_pickle.torch_load(path)
+    except safe_pickle.UnsafePickle as e:
         raise UserError(
-            f"{path} needs code to unpickle ({', '.join(needed)}); refusing to run it "
-            "(torch.load weights_only). In an environment you trust, re-save just the weights: "
-            "torch.save({'model': ckpt['model']}, 'weights.pt')"
+            f"refusing to read {path}: {e}; nothing in it was run. Weights do not need code: "
+            "re-save just them where you trust the file, torch.save({'model': ckpt['model']})"
         ) from None
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot read {path} as a PyTorch checkpoint: {first}") from None
+        raise DataError(f"cannot read {path} as a PyTorch checkpoint: {first[:300]}") from None
 
 
 def _to_numpy(value, key: str, source: str) -> np.ndarray:
@@ -329,7 +321,9 @@ def _to_numpy(value, key: str, source: str) -> np.ndarray:
         return t.numpy()
     if isinstance(value, np.ndarray):
         return value
-    raise DataError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
+    name = getattr(value, "pickled_name", None)  # a safe_pickle placeholder
+    what = f"an object of {name}, a class not loaded" if name else f"a {type(value).__name__}"
+    raise DataError(f"{source}: {key} is {what}, not a tensor")
 
 
 def read_source(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
@@ -354,7 +348,7 @@ def read_source(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
             None,
             "state_dict",
         )
-    obj = load_torch_file(path)
+    obj = whole = load_torch_file(path)
     if not isinstance(obj, Mapping):
         raise DataError(f"{path}: expected a dict (fairseq checkpoint or state_dict)")
     kind = "state_dict"
@@ -368,6 +362,9 @@ def read_source(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     sd = {str(k): _to_numpy(v, str(k), str(path)) for k, v in obj.items()}
     if not sd:
         raise DataError(f"{path}: the state_dict is empty")
+    found = _safe_pickle(FROM_PYTORCH).placeholders_in(whole)
+    if found:  # the weights are all tensors (above): what was not loaded is metadata
+        log.warning("%s: %s; weights unaffected", path, _safe_pickle(FROM_PYTORCH).report(found))
     return _strip(sd), meta, kind
 
 
@@ -576,8 +573,18 @@ def from_pytorch(
 
     # Tokenizer: the release folder's own, else the text model's (offline-safe loader).
     text_model = str(config.model.text_model)
-    if kind == "hf":
+    if kind == "hf" and twin.has_tokenizer(input):
         tokenizer = text_lib.load_tokenizer(str(Path(input)))
+    elif kind == "hf":
+        missing = f"{input} has no tokenizer files ({' / '.join(twin.TOKENIZER_FILES)})"
+        try:
+            tokenizer = text_lib.load_tokenizer(text_lib.resolve_text_model(text_model))
+        except UserError as e:
+            raise UserError(
+                f"{missing}, and the tokenizer of its text model {text_model!r} cannot be "
+                f"loaded: {e}. Give --text_model=<the BERT it was trained from>"
+            ) from None
+        log.warning("%s: using the tokenizer of text model %r instead", missing, text_model)
     else:
         tokenizer = text_lib.load_tokenizer(text_lib.resolve_text_model(text_model))
     if len(tokenizer) > arch["vocab_size"]:
@@ -591,6 +598,7 @@ def from_pytorch(
     # Strict: every tensor of this architecture with its shape (PyTorch layout), no extras.
     expected = {k[len(PREFIX) :]: v for k, v in mmpt_key_shapes(mcfg).items()}
     twin.check_state_dict(expected, sd, source=f"{where} (keys without the {PREFIX} prefix)")
+    twin.check_floating(sd, source=where)  # an int weight or bias would load as garbage
     abstract = signclip_model.abstract_model(mcfg)
     report = signclip_model.from_state_dict(abstract, sd, source=where)
     params = {"model": nnx.state(abstract, nnx.Param), "loss": _loss_params(config, meta)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,7 +34,7 @@ from torch import nn
 
 from signclip_jax import __version__
 from signclip_jax.data.pose import PoseSpec, load_features
-from signclip_jax.data.text import encode_texts
+from signclip_jax.data.text import encode_texts, load_tokenizer
 from signclip_jax.errors import DataError, UserError
 
 # The release folder format (config.json "format" / "format_version").
@@ -41,12 +42,15 @@ HF_FORMAT = "signclip-jax/torch-twin"
 HF_FORMAT_VERSION = 1
 HF_WEIGHTS = "model.safetensors"
 HF_CONFIG = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # either one makes a loadable BERT tokenizer
 TORCH_DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
     "fp16": torch.float16,
     "float16": torch.float16,
 }
+
+log = logging.getLogger("signclip_jax.torch_twin")
 
 _BERT_FIELDS = (
     "vocab_size",
@@ -206,8 +210,10 @@ class TorchSignCLIP(nn.Module):
     ) -> TorchSignCLIP:
         """A release folder (model.safetensors + config.json + tokenizer) -> twin in eval mode.
 
-        Loads strictly (every tensor of the original layout, nothing else). fp16 weights are
-        upcast to `dtype` (fp32 by default). The tokenizer is loaded when the folder has one.
+        Loads strictly (every tensor of the original layout, nothing else; float tensors only).
+        fp16 weights are upcast to `dtype` (fp32 by default). The tokenizer is the folder's;
+        a folder without one gets its text model's (a warning says which), or none (a warning:
+        `embed_texts` then refuses, `embed_poses` works).
         """
         config = read_pretrained_config(path)
         twin = cls(config["model"], attn_implementation)
@@ -216,8 +222,10 @@ class TorchSignCLIP(nn.Module):
         twin.load_state_dict(weights, strict=True)
         twin = twin.to(torch_dtype(dtype)).eval()
         twin.inputs = {**twin.inputs, **config.get("inputs", {})}
-        if any((Path(path) / f).exists() for f in ("tokenizer.json", "vocab.txt")):
+        if has_tokenizer(path):
             twin.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        else:
+            twin.tokenizer = _fallback_tokenizer(path, config["model"].get("text_model"))
         return twin
 
     def save_pretrained(
@@ -493,11 +501,58 @@ def read_pretrained_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_pretrained_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """model.safetensors of a release folder as torch tensors (dtype as stored)."""
+    """model.safetensors of a release folder as torch tensors (dtype as stored).
+
+    Every tensor of a release is a float parameter: an integer one is a DataError naming it.
+    """
     file = Path(path) / HF_WEIGHTS
     if not file.is_file():
         raise UserError(f"{path} has no {HF_WEIGHTS}")
     try:
-        return load_file(str(file))
+        weights = load_file(str(file))
     except Exception as e:
         raise DataError(f"cannot read {file}: {e}") from None
+    check_floating(weights, source=str(file))
+    return weights
+
+
+def check_floating(tensors: Mapping[str, Any], *, source: str) -> None:
+    """DataError naming the tensors (torch or numpy) that are not floating point.
+
+    For state_dicts whose every tensor is a float parameter: a weight or bias stored as
+    integers (or bools) is a corrupt or mis-written file, and casting it would load garbage.
+    """
+    wrong = []
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            ok, dtype = value.is_floating_point(), str(value.dtype).removeprefix("torch.")
+        else:
+            dtype = np.asarray(value).dtype
+            ok, dtype = np.issubdtype(dtype, np.floating), str(dtype)
+        if not ok:
+            wrong.append(f"{key} ({dtype})")
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise DataError(
+            f"{source}: {shown} not floating point where the model has float parameters "
+            "(a corrupt or mis-converted file; re-export it)"
+        )
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """True when the release folder holds tokenizer files (TOKENIZER_FILES)."""
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _fallback_tokenizer(path: str | os.PathLike, text_model: str | None):
+    """The tokenizer of the release's text model (a warning says so), or None with a warning."""
+    missing = f"{path} has no tokenizer files ({' / '.join(TOKENIZER_FILES)})"
+    try:
+        if not text_model:
+            raise UserError("its config names no text model")
+        tokenizer = load_tokenizer(str(text_model))
+    except UserError as e:
+        log.warning("%s, nor one of its text model (%s): set .tokenizer to embed texts", missing, e)
+        return None
+    log.warning("%s: using the tokenizer of its text model %r instead", missing, text_model)
+    return tokenizer

@@ -4,8 +4,13 @@ importing original-style fairseq checkpoints, the PyTorch twin without JAX, CLI 
 from __future__ import annotations
 
 import argparse
+import collections
+import importlib
+import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors.torch import load_file, save_file
 
 from signclip_jax import run as run_lib
 from signclip_jax.cli import run_cli
@@ -186,6 +192,78 @@ def test_round_trip_back_to_orbax_is_exact(exports, run, tmp_path, name):
     for f in ("config.json", "model_config.json", "bert_config.json", "tokenizer"):
         assert (out / f).exists(), f
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+# -------------------------------------------------------------- suspicious release folders
+def _copy_release(exports: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "release"
+    shutil.copytree(exports / "release", folder)
+    return folder
+
+
+def test_release_folder_with_integer_weights_is_refused(exports, tmp_path, capsys):
+    folder = _copy_release(exports, tmp_path)
+    file = folder / "model.safetensors"
+    weights = load_file(str(file))
+    key = "video_encoder.videomlp.linear1.bias"
+    weights[key] = weights[key].round().to(torch.int32)
+    save_file(weights, str(file), metadata={"format": "pt"})
+    match = rf"{re.escape(str(file))}: {re.escape(key)} \(int32\) not floating point"
+    with pytest.raises(DataError, match=match):
+        convert.from_pytorch(folder, tmp_path / "o")
+    with pytest.raises(DataError, match=match):
+        TorchSignCLIP.from_pretrained(folder)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(
+            lambda: convert.main(["from-pytorch", f"--input={folder}", f"--out={tmp_path / 'o'}"])
+        )
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and key in err[0] and "model.safetensors" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+    # The same in an original-layout .pt: the key is named, nothing is written.
+    ckpt = _fairseq_dict(_twin(video_layers=1), fp16=False, position_ids=True)
+    bias = "mmmodel.text_encoder.pooler.dense.bias"
+    ckpt["model"][bias] = ckpt["model"][bias].to(torch.int64)
+    path = _save(tmp_path, ckpt)
+    with pytest.raises(DataError, match=r"ckpt\.pt \(mmpt\): text_encoder\.pooler\.dense\.bias "
+                       r"\(int64\) not floating point"):  # fmt: skip
+        convert.from_pytorch(path, tmp_path / "o", **TINY)
+    assert not (tmp_path / "o").exists()
+
+
+def test_release_folder_without_tokenizer_uses_the_text_models(exports, run, tmp_path, caplog):
+    folder = _copy_release(exports, tmp_path)
+    for f in folder.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            f.unlink()
+    out = tmp_path / "imported"
+    with caplog.at_level(logging.WARNING):
+        convert.from_pytorch(folder, out)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{folder} has no tokenizer files (tokenizer.json / vocab.txt): using the tokenizer of "
+        "text model 'minilm' instead"
+    ]
+    back = run_lib.load_run(out)
+    assert back.tokenizer.get_vocab() == run.tokenizer.get_vocab()
+    _assert_same_params(run, back)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        twin = TorchSignCLIP.from_pretrained(folder)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{folder} has no tokenizer files (tokenizer.json / vocab.txt): using the tokenizer of "
+        "its text model 'minilm' instead"
+    ]
+    with_tokenizer = TorchSignCLIP.from_pretrained(exports / "release")
+    np.testing.assert_array_equal(twin.embed_texts(PROMPTS), with_tokenizer.embed_texts(PROMPTS))
+
+    # No tokenizer to be had (offline, not cached): an error naming both, nothing written.
+    with pytest.raises(UserError, match=r"has no tokenizer files.*'no-such-org/no-such-bert' "
+                       "cannot be loaded"):  # fmt: skip
+        convert.from_pytorch(folder, tmp_path / "o", text_model="no-such-org/no-such-bert")
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------- the twin, without JAX
@@ -414,18 +492,169 @@ class NotData:  # module-level, so torch.save can pickle it by reference
     pass
 
 
-def test_pickles_that_need_code_are_refused(tmp_path):
+class Payload:
+    """Pickles as os.system(command): what a malicious `__reduce__` writes."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_foreign_metadata_reads_as_placeholders_and_code_is_refused(tmp_path, caplog):
     ckpt = _fairseq_dict(_twin(video_layers=1), fp16=False)
     path = _save(tmp_path, {**ckpt, "args": NotData()})
-    with pytest.raises(UserError, match=r"needs code.*NotData.*weights_only"):
-        convert.read_source(path)
-    # Data-only extras of real fairseq checkpoints do load: numpy scalars, argparse.Namespace.
-    path = _save(tmp_path, {**ckpt, "args": argparse.Namespace(arch="mmarch")}, "ns.pt")
-    sd, meta, kind = convert.read_source(path)
+    with caplog.at_level(logging.WARNING, logger="signclip_jax.convert"):
+        sd, meta, kind = convert.read_source(path)
     assert kind == "mmpt" and meta is None
     assert not any(k.startswith("mmmodel.") or "position_ids" in k for k in sd)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: checkpoint metadata held 1 object(s) of classes not loaded "
+        "(tests.interop.test_convert.NotData) at args: read as placeholders; weights unaffected"
+    ]
+    # Data-only extras of real fairseq checkpoints load for real: numpy scalars, Namespace.
+    caplog.clear()
+    path = _save(tmp_path, {**ckpt, "args": argparse.Namespace(arch="mmarch")}, "ns.pt")
+    with caplog.at_level(logging.WARNING, logger="signclip_jax.convert"):
+        assert convert.read_source(path)[2] == "mmpt"
+    assert not caplog.records
+
+    # Code is refused before anything runs; a placeholder where a tensor belongs is named.
+    marker = tmp_path / "pwned"
+    path = _save(tmp_path, {**ckpt, "args": Payload(f"touch {marker}")}, "evil.pt")
+    with pytest.raises(UserError, match=r"refusing to read .*evil\.pt.*posix\.system.*nothing"):
+        convert.read_source(path)
+    assert not marker.exists()
+    model = OrderedDict(ckpt["model"], **{"mmmodel.text_encoder.pooler.dense.bias": NotData()})
+    path = _save(tmp_path, {**ckpt, "model": model}, "bad.pt")
+    with pytest.raises(DataError, match=r"pooler\.dense\.bias is an object of tests\.interop\."
+                       r"test_convert\.NotData, a class not loaded, not a tensor"):  # fmt: skip
+        convert.read_source(path)
     with pytest.raises(DataError, match="cannot read"):
         convert.read_source(_save_bytes(tmp_path / "junk.pt", b"not a checkpoint"))
+
+
+FAIRSEQ_LIKE = textwrap.dedent(
+    """
+    import enum
+    from collections import OrderedDict
+
+
+    class Choice(enum.Enum):
+        RETRI = "retri"
+
+
+    class AverageMeter:
+        def __init__(self):
+            self.val, self.sum, self.count = 0.5, 1.0, 2
+
+
+    class MetersDict(OrderedDict):
+        pass
+
+
+    class Config:  # like omegaconf's DictConfig: state through __getstate__/__setstate__
+        def __init__(self, content):
+            self._content = content
+
+        def __getstate__(self):
+            return {"_content": self._content, "_flags": {"readonly": True}}
+
+        def __setstate__(self, state):
+            raise RuntimeError("loading must not run this")
+    """
+)
+
+
+def _with_fairseq_metadata(base: dict, folder: Path) -> tuple[dict, str]:
+    """`base` with the metadata a released fairseq checkpoint carries (Namespace args with an
+    enum, an omegaconf-like cfg, meters, TorchVersion, numpy values, a defaultdict), its
+    classes from a module written to `folder`. Returns (checkpoint, module name); the caller
+    saves it and then calls `_forget(folder, name)`."""
+    name = f"fairseq_like_{os.getpid()}_{len(list(folder.iterdir()))}"
+    (folder / f"{name}.py").write_text(FAIRSEQ_LIKE)
+    sys.path.insert(0, str(folder))
+    mod = importlib.import_module(name)
+    history = dict(base["optimizer_history"][0], meter=mod.AverageMeter())
+    meters = mod.MetersDict(loss=mod.AverageMeter())
+    ckpt = {
+        **base,
+        "args": argparse.Namespace(arch="mmarch", task=mod.Choice.RETRI, fp16=True),
+        "cfg": mod.Config({"model": {"_name": "mmmodel"}, "task": mod.Choice.RETRI}),
+        "optimizer_history": [history],
+        "extra_state": {
+            **base["extra_state"],
+            "metrics": {"train": meters},
+            "torch_version": torch.torch_version.TorchVersion(torch.__version__),
+            "np_scalar": np.float32(2.5),
+            "np_array": np.arange(3),
+            "best": collections.defaultdict(float, {"loss": 3.25}),
+        },
+    }
+    return ckpt, name
+
+
+def _forget(folder: Path, name: str) -> None:
+    """The module is gone: not on sys.path, not imported, not importable."""
+    sys.path.remove(str(folder))
+    sys.modules.pop(name)
+    importlib.invalidate_caches()
+    assert importlib.util.find_spec(name) is None
+
+
+def test_fairseq_checkpoint_with_foreign_metadata_imports_the_same_weights(tmp_path, caplog):
+    twin = _twin(video_layers=1)
+    base = _fairseq_dict(twin)  # fp16 weights, position_ids, numpy scalars
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    ckpt, name = _with_fairseq_metadata(base, mods)
+    plain = _save(tmp_path, base, "plain.pt")
+    zipped = _save(tmp_path, ckpt, "meta.pt")
+    legacy = tmp_path / "meta_legacy.pt"
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    _forget(mods, name)
+
+    runs = {}
+    for path in (plain, zipped, legacy):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="signclip_jax.convert"):
+            convert.from_pytorch(path, tmp_path / path.stem, **TINY)
+        runs[path.stem] = run_lib.load_run(tmp_path / path.stem)
+        lines = [r.getMessage() for r in caplog.records if r.name == "signclip_jax.convert"]
+        if path == plain:
+            assert lines == []
+            continue
+        assert len(lines) == 1, lines
+        line = lines[0]
+        classes = ", ".join(sorted(
+            [f"{name}.{c}" for c in ("AverageMeter", "Choice", "Config", "MetersDict")]
+            + ["collections.defaultdict", "torch.torch_version.TorchVersion"]
+        ))  # fmt: skip
+        assert f"of classes not loaded ({classes}) at " in line, line
+        places = ("args.task, cfg, optimizer_history[0].meter, extra_state.metrics.train, "
+                  "extra_state.torch_version, extra_state.best: read as placeholders; "
+                  "weights unaffected")  # fmt: skip
+        assert line.startswith(f"{path}: checkpoint metadata held 7 object(s)"), line
+        assert line.endswith(f" at {places}"), line
+        assert name not in sys.modules
+    reference = to_state_dict(runs["plain"].model)
+    source = twin.state_dict()
+    for stem in ("meta", "meta_legacy"):
+        got = to_state_dict(runs[stem].model)
+        assert got.keys() == reference.keys() == source.keys()
+        for key, value in reference.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{stem}: {key}")
+            np.testing.assert_array_equal(value, source[key].half().float().numpy())
+    rng = np.random.default_rng(0)
+    feats = [(rng.normal(size=(t, 609)) * 0.3).astype(np.float32) for t in (40, 7)]
+    embedded = {}
+    for stem in ("plain", "meta"):
+        embedder = embedder_lib.Embedder(runs[stem], batch_size=2)
+        embedded[stem] = (embedder.embed_features(feats), embedder.embed_texts(PROMPTS[:2]))
+    np.testing.assert_array_equal(embedded["meta"][0], embedded["plain"][0])
+    np.testing.assert_array_equal(embedded["meta"][1], embedded["plain"][1])
+    assert np.abs(embedded["plain"][0]).max() > 1e-3
 
 
 def test_bare_state_dicts_read_like_fairseq_dicts(exports):
