@@ -11,10 +11,14 @@
 #       task (--gpus-per-task=1, --gpu-bind), that GPU is local device 0: JAX_LOCAL_DEVICE_IDS=0.
 #   SIGNCLIP_GPU_MODE=per-node           one task per node using all its GPUs:
 #       JAX_LOCAL_DEVICE_IDS=0,...,N-1 (else each process would see only GPU 0, the known
-#       "one GPU per node" pitfall).
-# An explicit JAX_LOCAL_DEVICE_IDS is left alone. Other settings: SIGNCLIP_REPO (repository
-# root, default: this script's), SIGNCLIP_PYTHON (default: SIGNCLIP_VENV/bin/python, SIGNCLIP_VENV
-# defaulting to REPO/.venv, else python3).
+#       "one GPU per node" pitfall), N from CUDA_VISIBLE_DEVICES, or SLURM_GPUS_ON_NODE where
+#       the site does not set CUDA_VISIBLE_DEVICES.
+# An explicit JAX_LOCAL_DEVICE_IDS is left alone. SIGNCLIP_TEXT_MODEL: a text model folder staged
+# with `python -m signclip_jax.prepare --text_model=NAME --out=FOLDER` on a shared filesystem (or
+# gs://): the task trains with --config.model.text_model=FOLDER and HF_HUB_OFFLINE=1, for compute
+# nodes without internet. Other settings: SIGNCLIP_REPO (repository root, default: this
+# script's), SIGNCLIP_PYTHON (default: SIGNCLIP_VENV/bin/python, SIGNCLIP_VENV defaulting to
+# REPO/.venv, else python3).
 
 set -euo pipefail
 root=${SIGNCLIP_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
@@ -26,7 +30,17 @@ if [[ -z $python ]]; then
 fi
 mode=${SIGNCLIP_GPU_MODE:-per-gpu}
 
-if [[ -z ${JAX_LOCAL_DEVICE_IDS:-} && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+case $mode in per-gpu | per-node) ;; *)
+  echo "error: SIGNCLIP_GPU_MODE must be per-gpu or per-node, got '$mode'" >&2
+  exit 2
+  ;;
+esac
+if [[ -z ${JAX_LOCAL_DEVICE_IDS:-} && -z ${CUDA_VISIBLE_DEVICES:-} && $mode == per-node &&
+  ${SLURM_GPUS_ON_NODE:-0} =~ ^[1-9][0-9]*$ ]]; then
+  # No CUDA_VISIBLE_DEVICES (some sites do not set it): every GPU SLURM gave this node.
+  JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((SLURM_GPUS_ON_NODE - 1)))
+  export JAX_LOCAL_DEVICE_IDS
+elif [[ -z ${JAX_LOCAL_DEVICE_IDS:-} && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
   IFS=, read -r -a visible <<<"$CUDA_VISIBLE_DEVICES"
   n=${#visible[@]}
   case $mode in
@@ -39,11 +53,15 @@ if [[ -z ${JAX_LOCAL_DEVICE_IDS:-} && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
           "use GPU [SLURM_LOCALID] only; use --ntasks-per-node=$n" >&2
       fi
       ;;
-    *) echo "error: SIGNCLIP_GPU_MODE must be per-gpu or per-node, got '$mode'" >&2; exit 2 ;;
   esac
+fi
+text_model=()
+if [[ -n ${SIGNCLIP_TEXT_MODEL:-} ]]; then
+  text_model=(--config.model.text_model="$SIGNCLIP_TEXT_MODEL")
+  export HF_HUB_OFFLINE=1
 fi
 
 echo "[run_task] task ${SLURM_PROCID:-0}/${SLURM_NTASKS:-1} on $(hostname)" \
   "local ${SLURM_LOCALID:-0} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}" \
   "JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-auto}" >&2
-exec "$python" -m signclip_jax.train "$@"
+exec "$python" -m signclip_jax.train ${text_model[@]+"${text_model[@]}"} "$@"

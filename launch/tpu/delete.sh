@@ -2,7 +2,7 @@
 # Deletes the queued resource together with its TPU VM (--force), or with --direct the TPU VM.
 # The gs:// workdir and data stay.
 #
-#   launch/tpu/delete.sh --project=my-proj
+#   launch/tpu/delete.sh
 
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh

@@ -2,7 +2,7 @@
 # Streams the training log of one worker (--worker=0 by default: process 0 prints the progress
 # and metrics; --worker=all for every worker). --no-follow prints the last --lines and exits.
 #
-#   launch/tpu/logs.sh --project=my-proj --lines=200
+#   launch/tpu/logs.sh --lines=200
 
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stops training on every worker with SIGTERM: the trainer saves a checkpoint and exits.
-# The slice keeps running (and costing); delete.sh removes it.
+# The slice keeps running (and costing) and its startup script starts the run again at the
+# next reboot or re-provisioning: delete.sh removes it.
 #
-#   launch/tpu/stop.sh --project=my-proj
+#   launch/tpu/stop.sh
 
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh

@@ -10,24 +10,26 @@ consumes (reference 2.2, 1.4). We build the text tower's view directly:
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import math
 import os
 import re
-import socket
+import shutil
 import string
-import urllib.parse
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub import get_session, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
 )
 
+from signclip_jax import files
 from signclip_jax.errors import UserError
 from signclip_jax.extras import require
 
@@ -74,18 +76,87 @@ def _looks_like_path(name: str) -> bool:
 
 
 def resolve_text_model(name_or_path: str) -> str:
-    """Local folder -> itself; "minilm"/"bundled" -> the bundled folder; else a hub name as is."""
+    """Local folder -> itself; "minilm"/"bundled" -> the bundled folder; a gs:// folder (staged
+    by `prepare --text_model`) -> its local copy (`fetch_remote_text_model`); else a hub name."""
     name = str(name_or_path).strip()
     if not name:
         raise UserError("model.text_model is empty: give a BERT folder or a hub name")
     if name.lower() in BUNDLED_ALIASES:
         return bundled_minilm_path()
+    if files.is_remote(name):
+        return fetch_remote_text_model(name)
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         return expanded
     if _looks_like_path(name) or os.path.exists(expanded):
         raise UserError(f"text model folder {name!r} does not exist (or is not a folder)")
     return name
+
+
+# Written last into a local copy of a remote text model: names and sizes of the files copied.
+_FETCHED = ".signclip-fetched.json"
+
+
+def text_model_cache_dir() -> str:
+    """Where remote text models are copied: SIGNCLIP_TEXT_MODEL_CACHE, else
+    ~/.cache/signclip_jax/text_models."""
+    default = os.path.join("~", ".cache", "signclip_jax", "text_models")
+    return os.path.expanduser(os.environ.get("SIGNCLIP_TEXT_MODEL_CACHE") or default)
+
+
+def _remote_dir(url: str):
+    return files.as_path(url)  # an epath (tests point it at a local folder)
+
+
+def fetch_remote_text_model(url: str) -> str:
+    """Local copy of the text model folder at `url` (gs://...: tokenizer, config.json, weights,
+    as `prepare --text_model` stages them), made once per machine under
+    `text_model_cache_dir()` and made again when the remote files' names or sizes change.
+    No hub access: what every worker of a run reads when the hub is offline."""
+    remote = _remote_dir(url)
+    try:
+        entries = sorted((f for f in remote.iterdir() if f.is_file()), key=lambda f: f.name)
+        listing = {f.name: f.stat().length for f in entries}
+    except Exception as e:
+        raise UserError(f"cannot list the text model folder {url}: {type(e).__name__}: {e}") from e
+    if "config.json" not in listing:
+        raise UserError(
+            f"text model folder {url} has no config.json (stage it with "
+            f"`python -m signclip_jax.prepare --text_model=NAME --out={url}`)"
+        )
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[1].strip("/"))
+    target = os.path.join(text_model_cache_dir(), key)
+    marker = os.path.join(target, _FETCHED)
+    if _read_listing(marker) == listing:
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{key}.", dir=os.path.dirname(target))
+    try:
+        for f in entries:
+            with open(os.path.join(staging, f.name), "wb") as out:
+                out.write(f.read_bytes())
+        with open(os.path.join(staging, _FETCHED), "w") as out:
+            json.dump(listing, out)
+        old = f"{staging}.old"
+        if os.path.isdir(target):
+            os.rename(target, old)  # another process may read it: swap, then remove
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        if _read_listing(marker) == listing:  # another process on this host got there first
+            return target
+        raise UserError(f"cannot copy text model {url} to {target}: {e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _read_listing(marker: str) -> dict | None:
+    try:
+        with open(marker) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def is_local(name_or_path: str) -> bool:
@@ -104,16 +175,17 @@ def hub_offline() -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Quick TCP probe of the hub endpoint, so a missing network fails fast instead of the
-    hub client's minute of retries. DNS lookups have no timeout of their own: run in a thread."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urllib.parse.urlparse(endpoint)
-    host = parsed.hostname or "huggingface.co"
-    port = parsed.port or (443 if parsed.scheme != "http" else 80)
+    """Quick HEAD request to the hub endpoint, so a missing network fails fast instead of the
+    hub client's minute of retries. It goes through huggingface_hub's own HTTP client, so the
+    proxy settings that downloads use apply (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, NO_PROXY):
+    a cluster that reaches the hub only through a proxy is reachable. Any HTTP answer from the
+    endpoint counts; a proxy refusing the connection (or asking for credentials, 407) does not.
+    Run in a thread with a deadline: DNS lookups have no timeout of their own."""
+    endpoint = os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT
 
     def probe() -> bool:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
+        response = get_session().head(endpoint, timeout=timeout, follow_redirects=False)
+        return response.status_code != 407
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
@@ -129,9 +201,10 @@ def _offline_error(name: str, what: str, cause: Exception | None = None) -> User
     detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0]})" if cause else ""
     return UserError(
         f"cannot load the {what} of text model {name!r}: it is not in the local Hugging Face "
-        f"cache and {why}. Download/cache it first (e.g. `huggingface-cli download {name}` with "
-        f"network access), or set model.text_model to a local folder with the BERT files "
-        f"('minilm' selects the bundled MiniLM){detail}"
+        f"cache and {why}. Where the hub is reachable, stage it once into a local folder or "
+        f"gs:// (`python -m signclip_jax.prepare --text_model={name} --out=FOLDER`) and set "
+        f"model.text_model=FOLDER, or download it into the cache (`huggingface-cli download "
+        f"{name}`); 'minilm' selects the bundled MiniLM{detail}"
     )
 
 
@@ -304,6 +377,7 @@ __all__ = [
     "bundled_minilm_path",
     "encode_text",
     "encode_texts",
+    "fetch_remote_text_model",
     "hub_cached",
     "hub_file",
     "hub_offline",
@@ -312,4 +386,5 @@ __all__ = [
     "normalize_gloss",
     "render_prompt",
     "resolve_text_model",
+    "text_model_cache_dir",
 ]

@@ -7,18 +7,26 @@ data.source='packed', data.shards=DIR.
   python -m signclip_jax.prepare --source=spreadthesign --csv=SperadTheSign.csv \
       --pose_dir=poses --split=train --out=packed/train --workers=8
   python -m signclip_jax.prepare --config=configs/spreadthesign.py --split=test --out=packed/test
+
+With --text_model it stages a text model instead: the tokenizer, config.json and weights of a
+hub name (or folder) copied into --out (a shared folder or gs://), so that runs on machines
+without internet load it from there (model.text_model=OUT, HF_HUB_OFFLINE=1):
+
+  python -m signclip_jax.prepare --text_model=bert-base-cased --out=gs://BUCKET/models/bert-base-cased
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import ml_collections
 
-from signclip_jax import cli
+from signclip_jax import cli, files
 from signclip_jax import config as config_lib
 from signclip_jax.errors import UserError
 
@@ -56,6 +64,57 @@ def _data_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     return data
 
 
+# Settings that only packing reads: an error with --text_model, which stages a model instead.
+_PACKING_ONLY = (
+    "config", "source", "csv", "pose_dir", "manifest", "tfds_name", "data_dir", "pose_header",
+    "synthetic_dir", "split_dir", "languages", "components",
+)  # fmt: skip
+
+
+def stage_text_model(name_or_path: str, out: str) -> list[str]:
+    """Copies the text model `name_or_path` (hub name, folder or the bundled alias) into the
+    folder `out` (local or gs://): the tokenizer's files, config.json and the weights
+    (model.safetensors, sharded with its index, or pytorch_model.bin). Returns the file names.
+
+    Needs the hub once (or the model in the local cache); every later load from `out` needs
+    no hub: model.text_model=OUT with HF_HUB_OFFLINE=1.
+    """
+    # Imported here: transformers and the model code are slow to import.
+    from signclip_jax.data import text
+    from signclip_jax.model import bert
+
+    path = text.resolve_text_model(name_or_path)
+    tokenizer = text.load_tokenizer(path)
+    local = text.is_local(path)
+
+    def one(filename: str) -> str | None:
+        if local:
+            found = os.path.join(path, filename)
+            return found if os.path.isfile(found) else None
+        return text.hub_file(path, filename)
+
+    sources = {}
+    config_file = one("config.json")
+    if config_file is None:
+        raise UserError(f"text model {name_or_path!r} has no config.json")
+    sources["config.json"] = config_file
+    weights = bert.checkpoint_files(path)
+    if len(weights) > 1:  # sharded safetensors: the shards and their index
+        sources["model.safetensors.index.json"] = one("model.safetensors.index.json")
+    sources.update({os.path.basename(w): w for w in weights})
+    target = files.as_path(out)
+    if not files.is_remote(out):
+        target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="scj-stage-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            sources.setdefault(name, os.path.join(tmp, name))
+        for name, src in sorted(sources.items()):
+            log.info("staging %s", name)
+            files.write_bytes_atomic(target / name, Path(src).read_bytes())
+    return sorted(sources)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(
         prog="python -m signclip_jax.prepare",
@@ -67,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output folder (one split per folder)")
+    p.add_argument(
+        "--text_model",
+        help="stage this text model (hub name or folder: tokenizer, config.json, weights) into "
+        "--out instead of packing data, for runs without internet (model.text_model=OUT)",
+    )
     p.add_argument(
         "--config", help="training config file (CONFIG.py[:arg]); its data.* settings are used"
     )
@@ -100,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if args.text_model is not None:
+        given = [f"--{k}" for k in _PACKING_ONLY if getattr(args, k) is not None]
+        if given:
+            raise UserError(f"--text_model stages a text model into --out; drop {', '.join(given)}")
+        names = stage_text_model(args.text_model, args.out)
+        print(
+            f"staged text model {args.text_model} into {args.out} ({', '.join(names)}); "
+            f"train with --config.model.text_model={args.out} (the hub may be offline)"
+        )
+        return 0
     # Only now: the data pipeline imports JAX, and --help and usage errors stay instant.
     from signclip_jax.data import packing, pipeline, sources
 

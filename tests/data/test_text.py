@@ -194,3 +194,131 @@ def test_loading_a_tokenizer_without_torch_prints_nothing():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "Tokenizer" in r.stdout and "PyTorch was not found" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub probe goes through the proxy settings (issue 18), on a fake proxy on loopback.
+
+
+class _FakeProxy:
+    """A loopback HTTP proxy that records each request line: CONNECT (https) is refused with
+    403, a plain-http request is answered 200 (the proxy reached the 'hub' for the client)."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.seen: list[str] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                line = conn.recv(65536).split(b"\r\n")[0].decode()
+                self.seen.append(line)
+                status = "403 Forbidden" if line.startswith("CONNECT") else "200 OK"
+                conn.sendall(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n".encode())
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def proxy(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    fake = _FakeProxy()
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_PROXY", "no_proxy", "ALL_PROXY",
+              "all_proxy", "http_proxy", "https_proxy", "HF_ENDPOINT"):  # fmt: skip
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest set it at import
+    monkeypatch.setenv("HTTPS_PROXY", fake.url)
+    monkeypatch.setenv("HTTP_PROXY", fake.url)
+    huggingface_hub.close_session()  # the hub's client reads the proxy settings when made
+    yield fake
+    huggingface_hub.close_session()
+    fake.close()
+
+
+def test_hub_probe_asks_the_proxy(proxy):
+    # https endpoint: the probe asks the proxy to CONNECT (a raw TCP probe to port 443 would
+    # not), and a refusing proxy means unreachable.
+    assert text.hub_reachable(timeout=2) is False
+    assert proxy.seen == ["CONNECT huggingface.co:443 HTTP/1.1"]
+
+
+def test_hub_probe_reaches_the_hub_only_through_the_proxy(proxy, monkeypatch):
+    import huggingface_hub
+
+    # A name no resolver knows: only the proxy can answer, so True proves the probe used it.
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.signclip-test.invalid")
+    assert text.hub_reachable(timeout=2) is True
+    assert proxy.seen == ["HEAD http://hub.signclip-test.invalid/ HTTP/1.1"]
+    # NO_PROXY for that host: the probe goes direct, the name does not resolve -> unreachable.
+    monkeypatch.setenv("NO_PROXY", "hub.signclip-test.invalid")
+    huggingface_hub.close_session()
+    assert text.hub_reachable(timeout=2) is False
+    assert len(proxy.seen) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A staged text model in a remote folder (gs://): copied once per machine, loaded offline.
+
+
+def _stage_minilm(folder):
+    import shutil
+
+    src = bundled_minilm_path()
+    folder.mkdir(parents=True)
+    for name in ("config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), folder / name)
+    return folder
+
+
+def test_remote_text_model_is_fetched_once(tmp_path, monkeypatch):
+    from etils import epath
+
+    bucket = _stage_minilm(tmp_path / "bucket" / "models" / "minilm")
+    reads = []
+
+    def remote_dir(url):
+        reads.append(url)
+        assert url == "gs://bkt/models/minilm"
+        return epath.Path(bucket)
+
+    monkeypatch.setattr(text, "_remote_dir", remote_dir)
+    monkeypatch.setenv("SIGNCLIP_TEXT_MODEL_CACHE", str(tmp_path / "cache"))
+    local = resolve_text_model("gs://bkt/models/minilm")
+    assert local == str(tmp_path / "cache" / "bkt_models_minilm")
+    assert sorted(p.name for p in bucket.iterdir()) == sorted(
+        n for n in os.listdir(local) if not n.startswith(".")
+    )
+    mtime = os.path.getmtime(os.path.join(local, "vocab.txt"))
+    assert resolve_text_model("gs://bkt/models/minilm") == local  # cached: not copied again
+    assert os.path.getmtime(os.path.join(local, "vocab.txt")) == mtime
+    tok = load_tokenizer("gs://bkt/models/minilm")
+    assert tok("house")["input_ids"] == load_tokenizer("minilm")("house")["input_ids"]
+    # The remote folder changed: copied again.
+    (bucket / "vocab.txt").write_text((bucket / "vocab.txt").read_text() + "extra\n")
+    assert resolve_text_model("gs://bkt/models/minilm") == local
+    assert (open(os.path.join(local, "vocab.txt")).read()).endswith("extra\n")
+    assert not [n for n in os.listdir(tmp_path / "cache") if n.startswith(".")]  # no leftovers
+
+
+def test_remote_text_model_without_config_is_a_user_error(tmp_path, monkeypatch):
+    from etils import epath
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(text, "_remote_dir", lambda url: epath.Path(tmp_path / "empty"))
+    with pytest.raises(UserError, match=r"no config\.json.*prepare --text_model"):
+        resolve_text_model("gs://bkt/models/none")

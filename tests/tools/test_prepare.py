@@ -101,3 +101,36 @@ def test_all_bad_is_an_error(tmp_path):
 def test_missing_out_is_a_usage_error():
     r = _run("--source=synthetic")
     assert r.returncode == 2 and "--out" in r.stderr
+
+
+def test_stage_text_model_then_load_it_offline(tmp_path):
+    """--text_model copies the tokenizer, config.json and weights into --out; loading from
+    there needs no hub (HF_HUB_OFFLINE=1 in _run) and gives the same tokenizer and weights."""
+    import numpy as np
+
+    from signclip_jax.data import text
+    from signclip_jax.model import bert
+
+    out = tmp_path / "models" / "minilm"
+    r = _run("--text_model=minilm", f"--out={out}")
+    assert r.returncode == 0, r.stderr
+    assert f"--config.model.text_model={out}" in r.stdout
+    staged = sorted(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json"} <= set(
+        staged
+    ), staged
+    bundled = text.bundled_minilm_path()
+    a, b = text.load_tokenizer(str(out)), text.load_tokenizer("minilm")
+    caption = "<en> <ase> house"
+    assert a(caption)["input_ids"] == b(caption)["input_ids"]
+    assert bert.BertConfig.from_hf(str(out)) == bert.BertConfig.from_hf(bundled)
+    staged_w, _ = bert.read_checkpoint(str(out))
+    bundled_w, _ = bert.read_checkpoint(bundled)
+    assert staged_w.keys() == bundled_w.keys()
+    assert all(np.array_equal(staged_w[k], bundled_w[k]) for k in bundled_w)
+
+
+def test_stage_text_model_takes_no_data_flags(tmp_path):
+    r = _run("--text_model=minilm", "--source=synthetic", f"--out={tmp_path / 'o'}")
+    assert r.returncode == 2 and "drop --source" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
