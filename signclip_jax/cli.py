@@ -45,11 +45,19 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """--workdir | --checkpoint (one required) and --which: how embed, serve and convert name
-    the checkpoint to load."""
+    """--workdir | --checkpoint | --model (one required) and --which: how every command that
+    loads a model names it. `signclip_jax.models.checkpoint_args(args)` turns them into the
+    (workdir, checkpoint) pair `run.load_run` takes."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir (its latest or best checkpoint)")
     src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/N)")
+    src.add_argument(
+        "--model",
+        metavar="REF",
+        help="a run directory, a release folder (convert to-pytorch --format=hf) or "
+        "hf-hub:ORG/NAME[@REVISION] (through the Hugging Face cache; HF_HUB_OFFLINE=1 reads "
+        "only the cache)",
+    )
     parser.add_argument(
         "--which",
         default="latest",

@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     # the trainer
     ("train.monitor", "train.loop"),
     # using a trained model
-    ("serving", "interop"),
+    ("serving", "interop", "models"),
     # command lines
     (
         "evaluation.cli",
@@ -49,7 +49,7 @@ LAYERS: list[tuple[str, ...]] = [
         "train.__main__",
     ),
     # `python -m signclip_jax.X` entry modules and the `signclip-jax` dispatcher
-    ("__main__", "evaluate", "embed", "serve", "convert", "prepare", "bench", "video"),
+    ("__main__", "evaluate", "embed", "serve", "convert", "prepare", "bench", "video", "search"),
 ]
 COMMANDS = len(LAYERS) - 2  # layer index of the command-line modules
 # Run by another interpreter (the video environment): imports nothing of the package.

@@ -1,5 +1,9 @@
 r"""Evaluates a trained model: `python -m signclip_jax.evaluate --workdir=DIR [--split=test]`.
 
+The model: --workdir (latest or --which=best checkpoint), --checkpoint (one step directory) or
+--model=REF (a run directory, a release folder or hf-hub:ORG/NAME[@REVISION]:
+signclip_jax/models.py).
+
 Tasks (`--tasks`, all by default), each an evaluator of evaluation/evaluators.py, the same
 classes training's periodic evaluation runs:
   retrieval  text <-> pose retrieval on the split with the original metric definitions
@@ -40,7 +44,7 @@ from typing import Any
 
 from absl import flags
 
-from signclip_jax import cli, extras, files
+from signclip_jax import cli, extras, files, models
 from signclip_jax import config as config_lib
 from signclip_jax import run as run_lib
 from signclip_jax.data import sources
@@ -65,6 +69,7 @@ class Options:
 
     workdir: str | None = None
     checkpoint: str | None = None
+    model: str | None = None  # models.resolve reference; then workdir / checkpoint are unset
     which: str = "latest"
     split: str = "test"
     tasks: tuple[str, ...] | None = None  # None: all (fewshot/probe if the train split is small)
@@ -113,7 +118,10 @@ def _check_options(opts: Options) -> None:
 
 def load(opts: Options) -> run_lib.Run:
     """The run of `opts` with the config overrides applied (run_lib.Run)."""
-    run = run_lib.load_run(opts.workdir, opts.checkpoint, which=opts.which, dtype=opts.dtype)
+    workdir, checkpoint = (
+        models.resolve(opts.model) if opts.model else (opts.workdir, opts.checkpoint)
+    )
+    run = run_lib.load_run(workdir, checkpoint, which=opts.which, dtype=opts.dtype)
     if opts.overrides:
         run = dataclasses.replace(
             run, config=config_lib.apply_overrides(run.config, opts.overrides)
@@ -306,7 +314,7 @@ def run_evaluation(
     if "loss" in results.get("retrieval", {}):  # the files have always listed it last
         results["retrieval"]["loss"] = results["retrieval"].pop("loss")
 
-    out_dir = opts.out or os.path.join(str(run.workdir), "eval")
+    out_dir = opts.out or default_out(run, opts)
     name = opts.name or default_name(split, run.step, opts)
     written: dict[str, str] = {}
     if opts.save_embeddings:
@@ -351,6 +359,14 @@ def _default_tasks(run: run_lib.Run, opts: Options) -> tuple[tuple[str, ...], st
     return ("retrieval", "zeroshot"), note
 
 
+def default_out(run: run_lib.Run, opts: Options) -> str:
+    """WORKDIR/eval, but ./eval/NAME for a release or Hub model (--model), whose run lives in
+    the model cache."""
+    if opts.model and models.is_cached_run(run.workdir):
+        return os.path.join("eval", models.name_of(opts.model))
+    return os.path.join(str(run.workdir), "eval")
+
+
 def default_name(split: str, step: int, opts: Options) -> str:
     parts = [split, f"step{step}"]
     if opts.flip != "none":
@@ -379,6 +395,12 @@ def build_parser() -> cli.Parser:
     p.add_argument("--workdir", help="training workdir (config.json, checkpoints/)")
     p.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/STEP)")
     p.add_argument(
+        "--model",
+        metavar="REF",
+        help="instead of --workdir / --checkpoint: a run directory, a release folder or "
+        "hf-hub:ORG/NAME[@REVISION] (HF_HUB_OFFLINE=1 reads only the Hugging Face cache)",
+    )
+    p.add_argument(
         "--which",
         default="latest",
         choices=("latest", "best"),
@@ -401,7 +423,10 @@ def build_parser() -> cli.Parser:
         "in any frame, as the original) or always",
     )
     p.add_argument("--batch_size", type=int, default=64, help="poses per embedding batch")
-    p.add_argument("--out", help="output folder (default WORKDIR/eval)")
+    p.add_argument(
+        "--out",
+        help="output folder (default WORKDIR/eval; ./eval/NAME for a release or Hub --model)",
+    )
     p.add_argument("--name", help="base name of the output files (default SPLIT_stepSTEP...)")
     p.add_argument(
         "--group_by",
@@ -455,8 +480,10 @@ def parse_args(argv: Sequence[str]) -> Options:
             bad.append(a)
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)}")
-    if not args.workdir and not args.checkpoint:
-        parser.error("give --workdir=DIR or --checkpoint=STEP_DIR")
+    if args.model and (args.workdir or args.checkpoint):
+        parser.error("--model names the model on its own: leave out --workdir / --checkpoint")
+    if not args.workdir and not args.checkpoint and not args.model:
+        parser.error("give --workdir=DIR, --checkpoint=STEP_DIR or --model=REF")
     shots = None
     if args.fewshot_shots:
         try:
@@ -466,6 +493,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     return Options(
         workdir=args.workdir,
         checkpoint=args.checkpoint,
+        model=args.model,
         which=args.which,
         split=args.split,
         tasks=None

@@ -2,8 +2,9 @@ r"""Checkpoint converter: Orbax workdir <-> PyTorch.
 
   # the original MMPT/fairseq layout (reference section 8): strict-loadable by MMFusionSeparate
   python -m signclip_jax.convert to-pytorch --workdir=runs/st --format=mmpt --out=checkpoint_best.pt
-  # a release folder for the PyTorch twin (torch_twin.TorchSignCLIP.from_pretrained)
-  python -m signclip_jax.convert to-pytorch --workdir=runs/st --format=hf --out=release/
+  # a release folder: a Hub model repository (--model, TorchSignCLIP.from_pretrained)
+  python -m signclip_jax.convert to-pytorch --workdir=runs/st --format=hf --out=release/ \
+      [--repo_id=ORG/NAME] [--license=mit]
   # an original checkpoint (or a release folder) -> a workdir for evaluate/embed/serve/train
   python -m signclip_jax.convert from-pytorch --input=checkpoint_best.pt --out=runs/imported \
       --text_model=bert-base-cased
@@ -17,21 +18,22 @@ has the 404 keys (baseline_temporal) that MMFusionSeparate holds under transform
 original's inference environment; `--position_ids` adds the two `position_ids` buffers that
 transformers < 4.31 (its training environment, 3.4.0) also keeps, for a strict load there.
 
-from-pytorch runs nothing from the file (interop/safe_pickle.py, driven by torch.load): tensors,
-plain containers and a few numpy/argparse data types are read for real; objects of other
-classes in the metadata (fairseq configs, meters, version objects) become inert placeholders,
-reported in one warning line; a pickle that names code (os.system, eval, ...) is refused. A
-release folder must hold float tensors only, and without its tokenizer files the text model's
-tokenizer is used (a warning says which). Architecture comes from the tensor shapes; the number
-of attention heads does not show in any shape, so it comes from the file's own config (our
-exports), `--num_heads`, or the config of `--text_model` (whose tokenizer the checkpoint needs
-anyway).
+hf: a release folder, a complete Hugging Face model repository (interop/release.py): the
+weights as model.safetensors, config.json, the tokenizer and a model card README.md generated
+from the run (interop/model_card.py: prompt format, pose features, training, the run's
+evaluation numbers). Upload it (`hf upload ORG/NAME FOLDER`) and every command takes
+`--model=hf-hub:ORG/NAME` (signclip_jax/models.py).
+
+from-pytorch is interop/importer.py behind a command line: it runs nothing from the file
+(interop/safe_pickle.py, driven by torch.load), checks every tensor, infers the architecture
+from the shapes and writes a run directory. `--input` may also be hf-hub:ORG/NAME[@REVISION].
 
 Both directions need PyTorch, an optional extra (`pip install 'signclip-jax[torch]'`): it
 is imported where it is used, so `--help` works without it and a missing torch is one line.
+(`--model=RELEASE_FOLDER` in the other commands imports a release without torch.)
 The model and tokenizer are built by signclip_jax/run.py, the one factory: to-pytorch reads a
-run with `run.load_run`; from-pytorch turns the file into a training config (`import_config`)
-that `run.source_from_config` builds, and writes a run directory.
+run with `run.load_run`; from-pytorch turns the file into a training config
+(`importer.import_config`) that `run.source_from_config` builds, and writes a run directory.
 
 Outputs are written under a temporary name and renamed into place; an existing --out is
 refused unless --force.
@@ -43,37 +45,25 @@ import argparse
 import collections
 import json
 import logging
-import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import jax
-import ml_collections
 import numpy as np
-from flax import nnx
 
-from signclip_jax import __version__, cli, extras
-from signclip_jax import checkpoint as ckpt_lib
-from signclip_jax import config as config_lib
+from signclip_jax import __version__, cli, extras, models
 from signclip_jax import run as run_lib
-from signclip_jax.data import text as text_lib
-from signclip_jax.errors import DataError, UserError
-from signclip_jax.model import bert as bert_lib
+from signclip_jax.errors import UserError
+from signclip_jax.interop import importer, model_card, release
+from signclip_jax.interop.importer import FROM_PYTORCH, META_FORMAT, META_KEY, PREFIX
 from signclip_jax.model import signclip as signclip_model
-from signclip_jax.train import losses
 
 log = logging.getLogger("signclip_jax.convert")
 
-PREFIX = "mmmodel."  # fairseq's FairseqMMModel wraps MMFusionSeparate as `mmmodel`
-META_KEY = "signclip_jax"  # our extra top-level key in a fairseq dict
-META_FORMAT = "signclip-jax/mmpt"
 FORMATS = ("mmpt", "hf")
-_LAYER = re.compile(r"^(video_encoder\.bert|text_encoder)\.encoder\.layer\.(\d+)\.")
 TO_PYTORCH = "convert to-pytorch"
-FROM_PYTORCH = "convert from-pytorch"
 
 
 def _torch(what: str) -> ModuleType:
@@ -87,31 +77,6 @@ def _twin(what: str) -> ModuleType:
     from signclip_jax.interop import torch_twin
 
     return torch_twin
-
-
-# ----------------------------------------------------------------------------------- keys
-def mmpt_key_shapes(model_config, *, position_ids: bool = False) -> dict[str, tuple[int, ...]]:
-    """{"mmmodel.<key>": shape} of an mmpt export of `model_config`, without allocating it.
-
-    `model_config`: a SignCLIPConfig or anything `signclip.model_config` reads (a training
-    config, its model section). `position_ids` adds the two [1, max_positions] int64 buffers
-    that transformers < 4.31 (the original's training environment) keeps in the state_dict.
-    """
-    mcfg = signclip_model.model_config(model_config)
-    abstract = signclip_model.abstract_model(mcfg)
-    shapes = {}
-    for path, var in bert_lib.param_items(abstract):
-        key, transpose = bert_lib.hf_key(path)
-        shape = tuple(int(d) for d in var.shape)
-        shapes[PREFIX + key] = shape[::-1] if transpose else shape
-    if position_ids:
-        for key in _position_id_keys():
-            shapes[PREFIX + key] = (1, mcfg.bert.max_position_embeddings)
-    return shapes
-
-
-def _position_id_keys() -> tuple[str, str]:
-    return ("video_encoder.bert.embeddings.position_ids", "text_encoder.embeddings.position_ids")
 
 
 # -------------------------------------------------------------------------------- to-pytorch
@@ -157,7 +122,7 @@ def mmpt_state_dict(model, *, dtype: str = "fp32", position_ids: bool = False):
         out[PREFIX + key] = torch.from_numpy(np.array(value, order="C")).to(target)  # writable copy
     if position_ids:
         n = model.config.bert.max_position_embeddings
-        for key in _position_id_keys():
+        for key in importer.position_id_keys():
             out[PREFIX + key] = torch.arange(n, dtype=torch.int64)[None]
     return out
 
@@ -201,23 +166,40 @@ def export_mmpt(
     run, out: str | Path, *, dtype: str = "fp32", position_ids: bool = False, force: bool = False
 ) -> Path:
     """Writes `fairseq_checkpoint(run)` to `out` with torch.save (atomically)."""
-    torch, twin = _torch(TO_PYTORCH), _twin(TO_PYTORCH)
+    torch = _torch(TO_PYTORCH)
     ckpt = fairseq_checkpoint(run, dtype=dtype, position_ids=position_ids)
-    with twin.staged_output(out, force=force) as tmp:
+    with release.staged_output(out, force=force) as tmp:
         torch.save(ckpt, tmp)
     return Path(out)
 
 
-def export_hf(run, out: str | Path, *, dtype: str = "fp32", force: bool = False) -> Path:
-    """Writes a release folder for `TorchSignCLIP.from_pretrained` (atomically)."""
+def export_hf(
+    run,
+    out: str | Path,
+    *,
+    dtype: str = "fp32",
+    force: bool = False,
+    repo_id: str | None = None,
+    license: str | None = None,
+) -> Path:
+    """Writes a release folder (atomically): a complete Hub model repository for
+    `TorchSignCLIP.from_pretrained` and `--model`: weights, config.json, tokenizer and the
+    model card README.md generated from the run (interop/model_card.py; `repo_id` goes into
+    its usage examples, `license` into its front matter)."""
     torch_twin = _twin(TO_PYTORCH)
-    meta = _export_meta(run, dtype, torch_twin.HF_FORMAT)
+    meta = _export_meta(run, dtype, release.HF_FORMAT)
     extra = {k: meta[k] for k in ("loss", "training_config", "source")}
     config = torch_twin.pretrained_config(
         run.model_config.to_dict(), inputs=meta["inputs"], dtype=dtype, extra=extra
     )
+    card = model_card.render(run, dtype=config["torch_dtype"], repo_id=repo_id, license=license)
     return torch_twin.write_pretrained(
-        out, signclip_model.to_state_dict(run.model), config, tokenizer=run.tokenizer, force=force
+        out,
+        signclip_model.to_state_dict(run.model),
+        config,
+        tokenizer=run.tokenizer,
+        card=card,
+        force=force,
     )
 
 
@@ -225,26 +207,36 @@ def to_pytorch(
     *,
     workdir: str | None = None,
     checkpoint: str | None = None,
+    model: str | None = None,
     which: str = "latest",
     format: str,
     out: str | Path,
     dtype: str = "fp32",
     position_ids: bool = False,
     force: bool = False,
+    repo_id: str | None = None,
+    license: str | None = None,
 ) -> Path:
-    """Restores a workdir's latest/best checkpoint (or one step dir) and exports it."""
+    """Restores a workdir's latest/best checkpoint, one step dir, or a `--model` reference
+    (signclip_jax/models.py: run dir, release folder, hf-hub:ORG/NAME) and exports it."""
     if format not in FORMATS:
         raise UserError(f"--format must be one of {FORMATS}, got {format!r}")
+    if position_ids and format != "mmpt":
+        raise UserError("--position_ids applies to --format=mmpt only")
+    if (repo_id or license) and format != "hf":
+        raise UserError("--repo_id and --license go into the model card of --format=hf")
+    if repo_id:
+        models.check_repo_id(repo_id, "--repo_id")
     twin = _twin(TO_PYTORCH)  # before the (long) restore, as the checks below
     twin.torch_dtype(dtype)
     twin.check_output(out, force)
+    if model:
+        workdir, checkpoint = models.resolve(model)
     run = run_lib.load_run(workdir, checkpoint, which=which)
     if format == "mmpt":
         _note_original_settings(run)
         return export_mmpt(run, out, dtype=dtype, position_ids=position_ids, force=force)
-    if position_ids:
-        raise UserError("--position_ids applies to --format=mmpt only")
-    return export_hf(run, out, dtype=dtype, force=force)
+    return export_hf(run, out, dtype=dtype, force=force, repo_id=repo_id, license=license)
 
 
 def _note_original_settings(run) -> None:
@@ -280,264 +272,11 @@ def _note_original_settings(run) -> None:
 
 
 # ------------------------------------------------------------------------------ from-pytorch
-def _safe_pickle(what: str) -> ModuleType:
-    """signclip_jax.interop.safe_pickle (torch's unpickler machinery: imported with torch)."""
-    _torch(what)
-    from signclip_jax.interop import safe_pickle
-
-    return safe_pickle
-
-
-def load_torch_file(path: str | Path) -> Any:
-    """A torch.save file (zip or legacy format) read on the CPU by `safe_pickle`: tensors exactly
-    as torch.load(weights_only=True) reads them; objects of other classes (fairseq configs,
-    meters, version objects) as inert placeholders (`safe_pickle.placeholders_in` finds them).
-
-    A pickle that names code (os.system, eval, subprocess, ...) is a UserError; nothing of the
-    file is run either way.
-    """
-    safe_pickle = _safe_pickle(FROM_PYTORCH)
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--input {path} does not exist")
-    try:
-        return safe_pickle.torch_load(path)
-    except safe_pickle.UnsafePickle as e:
-        raise UserError(
-            f"refusing to read {path}: {e}; nothing in it was run. Weights do not need code: "
-            "re-save just them where you trust the file, torch.save({'model': ckpt['model']})"
-        ) from None
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot read {path} as a PyTorch checkpoint: {first[:300]}") from None
-
-
-def _to_numpy(value, key: str, source: str) -> np.ndarray:
-    torch = _torch(FROM_PYTORCH)
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu()
-        if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
-            t = t.float()  # fp16 -> fp32 is exact; bf16 has no numpy form
-        return t.numpy()
-    if isinstance(value, np.ndarray):
-        return value
-    name = getattr(value, "pickled_name", None)  # a safe_pickle placeholder
-    what = f"an object of {name}, a class not loaded" if name else f"a {type(value).__name__}"
-    raise DataError(f"{source}: {key} is {what}, not a tensor")
-
-
 def read_source(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
-    """A fairseq dict / bare state_dict (.pt) or a release folder -> (bare state_dict as
-    numpy without `mmmodel.` prefix or position_ids buffers, our meta or None, kind)."""
-    torch_twin = _twin(FROM_PYTORCH)
-    path = Path(path)
-    if path.is_dir():
-        config = torch_twin.read_pretrained_config(path)
-        weights = torch_twin.read_pretrained_weights(path)
-        sd = {k: _to_numpy(v, k, str(path)) for k, v in weights.items()}
-        return _strip(sd), config, "hf"
-    if path.suffix == ".safetensors" and path.is_file():  # a bare state_dict
-        from safetensors.torch import load_file  # imports torch: an optional extra
-
-        try:
-            weights = load_file(str(path))
-        except Exception as e:
-            raise DataError(f"cannot read {path}: {e}") from None
-        return (
-            _strip({k: _to_numpy(v, k, str(path)) for k, v in weights.items()}),
-            None,
-            "state_dict",
-        )
-    obj = whole = load_torch_file(path)
-    if not isinstance(obj, Mapping):
-        raise DataError(f"{path}: expected a dict (fairseq checkpoint or state_dict)")
-    kind = "state_dict"
-    meta = None
-    if "model" in obj and isinstance(obj["model"], Mapping):
-        kind, meta, obj = "mmpt", obj.get(META_KEY), obj["model"]
-    elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if meta is not None and (not isinstance(meta, Mapping) or meta.get("format") != META_FORMAT):
-        meta = None
-    sd = {str(k): _to_numpy(v, str(k), str(path)) for k, v in obj.items()}
-    if not sd:
-        raise DataError(f"{path}: the state_dict is empty")
-    found = _safe_pickle(FROM_PYTORCH).placeholders_in(whole)
-    if found:  # the weights are all tensors (above): what was not loaded is metadata
-        log.warning("%s: %s; weights unaffected", path, _safe_pickle(FROM_PYTORCH).report(found))
-    return _strip(sd), meta, kind
-
-
-def _strip(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = {}
-    for key, value in sd.items():
-        bare = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        if bare in _position_id_keys():
-            continue  # a buffer (0..n-1) of transformers < 4.31, not a parameter
-        out[bare] = value
-    return out
-
-
-def _shape(sd: Mapping[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
-    if key not in sd:
-        raise DataError(f"the checkpoint has no {key} (is it a SignCLIP MMFusionSeparate?)")
-    shape = tuple(int(d) for d in sd[key].shape)
-    if len(shape) != ndim:
-        raise DataError(f"{key} has shape {shape}, expected {ndim} dimensions")
-    return shape
-
-
-def _layers(sd: Mapping[str, np.ndarray], tower: str) -> int:
-    found = {int(m[2]) for k in sd if (m := _LAYER.match(k)) and m[1] == tower}
-    if not found:
-        raise DataError(f"the checkpoint has no {tower}.encoder.layer.* tensors")
-    gaps = sorted(set(range(max(found) + 1)) - found)
-    if gaps:
-        raise DataError(f"{tower}.encoder.layer.{{{','.join(map(str, gaps))}}}.* missing")
-    return max(found) + 1
-
-
-def infer_architecture(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Sizes read off the tensor shapes of a bare original-layout state_dict.
-
-    Returns vocab_size, hidden_size, max_position_embeddings, type_vocab_size,
-    intermediate_size, text_layers, video_layers, pose_dim, projection (bool). The number of
-    attention heads is not among them: no tensor shape depends on it.
-    """
-    vocab, hidden = _shape(sd, "text_encoder.embeddings.word_embeddings.weight", 2)
-    positions, _ = _shape(sd, "text_encoder.embeddings.position_embeddings.weight", 2)
-    types, _ = _shape(sd, "text_encoder.embeddings.token_type_embeddings.weight", 2)
-    inter, _ = _shape(sd, "text_encoder.encoder.layer.0.intermediate.dense.weight", 2)
-    out, pose_dim = _shape(sd, "video_encoder.videomlp.linear1.weight", 2)
-    if out != hidden:
-        raise DataError(
-            f"video_encoder.videomlp.linear1.weight {(out, pose_dim)} does not produce the "
-            f"text tower's hidden size {hidden}"
-        )
-    heads = ("video_projection.linear.weight", "text_projection.linear.weight")
-    present = [k in sd for k in heads]
-    if any(present) and not all(present):
-        raise DataError(f"only one projection head: {[k for k in heads if k in sd]}")
-    return dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        max_position_embeddings=positions,
-        type_vocab_size=types,
-        intermediate_size=inter,
-        text_layers=_layers(sd, "text_encoder"),
-        video_layers=_layers(sd, "video_encoder.bert"),
-        pose_dim=pose_dim,
-        projection=all(present),
-    )
-
-
-def _resolve_heads(
-    arch: Mapping[str, Any], text_model: str, num_heads: int | None, where: str
-) -> dict[str, Any]:
-    """The BERT config of a checkpoint without our config: shapes from the tensors, the rest
-    (heads, eps, activation, dropout) from `text_model`'s config, which must have the same
-    sizes (its tokenizer has to fit the vocabulary table too)."""
-    ref = bert_lib.BertConfig.from_hf(text_model)
-    dims = ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings")
-    differ = [f"{d} {arch[d]} vs {getattr(ref, d)}" for d in dims if arch[d] != getattr(ref, d)]
-    if differ and num_heads is None:
-        raise UserError(
-            f"{where} does not have the sizes of text model {text_model!r} "
-            f"(checkpoint vs text model: {', '.join(differ)}); give --text_model=<the BERT it "
-            "was trained from> (its tokenizer is needed too), or --num_heads to build it anyway"
-        )
-    bert = ref.to_dict()
-    bert.update({d: arch[d] for d in (*dims, "type_vocab_size")})
-    bert["num_hidden_layers"] = arch["text_layers"]
-    if num_heads is not None:
-        bert["num_attention_heads"] = int(num_heads)
-    if bert["hidden_size"] % bert["num_attention_heads"]:
-        raise UserError(
-            f"hidden size {bert['hidden_size']} is not a multiple of "
-            f"{bert['num_attention_heads']} heads; give --num_heads"
-        )
-    return bert
-
-
-def import_config(
-    arch: Mapping[str, Any],
-    meta: Mapping[str, Any] | None,
-    where: str,
-    *,
-    text_model: str | None = None,
-    num_heads: int | None = None,
-    config_file: str | None = None,
-    overrides: Sequence[str] = (),
-) -> ml_collections.ConfigDict:
-    """The training config of a converted checkpoint's run directory.
-
-    Starts from `config_file`, else the training config our export carries (`meta`), else the
-    package's recipe. Its model section then describes the checkpoint's network, so that
-    `run.source_from_config` builds exactly that: our export's model config, else the shapes
-    of `arch` (`infer_architecture`) with the rest of the BERT config (heads, eps, activation)
-    from the text model. `overrides` ("model.projection=linear_l2") come last.
-    """
-    if config_file:
-        config = config_lib.load_config_file(config_file)
-    elif meta and isinstance(meta.get("training_config"), Mapping):
-        config = ml_collections.ConfigDict(dict(meta["training_config"]))
-    else:
-        config = config_lib.base_config()
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
-    model = config.model
-    if text_model:
-        model.text_model = text_model
-
-    if meta and isinstance(meta.get("model"), Mapping):  # our export: its model config
-        spec = dict(meta["model"])
-        spec.pop("dtype", None), spec.pop("attention", None), spec.pop("remat", None)
-        spec["text_model"] = model.get("text_model") or spec.get("text_model")
-        bert = dict(spec.pop("bert"))
-        if num_heads is not None:
-            bert["num_attention_heads"] = int(num_heads)
-        config.data.max_frames = int(spec.pop("max_frames"))  # model_config reads it there
-        for key, value in spec.items():
-            model[key] = value
-    else:  # the shapes, plus what no shape tells from the text model
-        bert = _resolve_heads(arch, str(model.text_model), num_heads, where)
-        model.video_layers = arch["video_layers"]
-        model.pose_dim = arch["pose_dim"]
-        if arch["projection"] and model.get("projection", "none") == "none":
-            if not any(o.startswith("model.projection=") for o in overrides):
-                raise UserError(
-                    f"{where} has projection heads (video_projection/text_projection); the "
-                    "weights do not say whether they were L2-normalised: give "
-                    "--config.model.projection=linear or =linear_l2"
-                )
-        if not arch["projection"]:
-            model.projection = "none"
-    model.bert = bert
-    model.pretrained = False  # the weights come from checkpoints/0
-    config.init_from = ""
-    return config_lib.apply_overrides(config, overrides, new_keys=False)
-
-
-def _loss_params(config, meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The learnable loss scalars: our export's when it used config's loss, else fresh."""
-    loss_name = str(config.loss.name)
-    loss_params = losses.init_loss_params(loss_name, config.loss)
-    saved = (meta or {}).get("loss") or {}
-    if saved.get("name") == loss_name:
-        for key, value in (saved.get("params") or {}).items():
-            if key in loss_params:
-                loss_params[key] = jax.numpy.float32(value)
-    return loss_params
-
-
-def _write_run(tmp: Path, config, mcfg, params: dict[str, Any], tokenizer, meta: dict) -> None:
-    """The run directory training would write, with `params` as checkpoints/0."""
-    run_lib.save_config(tmp, config)
-    run_lib.save_model_files(tmp, mcfg, tokenizer)
-    ckpt = ckpt_lib.Checkpointer(tmp, keep=1, keep_best=0, async_save=False)
-    try:
-        ckpt.save(0, params=params, train_state={"step": np.int32(0)}, meta=meta, force=True)
-    finally:
-        ckpt.close()
+    """importer.read_source for the command: needs torch (MissingExtra without it), as
+    `from-pytorch` always has."""
+    _torch(FROM_PYTORCH)
+    return importer.read_source(path)
 
 
 def from_pytorch(
@@ -550,62 +289,22 @@ def from_pytorch(
     overrides: Sequence[str] = (),
     force: bool = False,
 ) -> Path:
-    """An original SignCLIP checkpoint, a state_dict or a release folder -> a run directory.
-
-    The run directory (config.json, model_config.json, bert_config.json, tokenizer/,
-    checkpoints/0/ with params {"model", "loss"}) restores with `run_lib.load_run(out)` and
-    initialises training with `--config.init_from=OUT`.
-    """
-    twin = _twin(FROM_PYTORCH)
-    twin.check_output(out, force)
-    sd, meta, kind = read_source(input)
-    arch = infer_architecture(sd)
-    where = f"{input} ({kind})"
-    config = import_config(
-        arch,
-        meta,
-        where,
+    """An original SignCLIP checkpoint, a state_dict or a release folder -> a run directory
+    (importer.import_checkpoint). The command needs torch, whatever the input: one line
+    naming the extra without it, before anything is read. `input` may be
+    hf-hub:ORG/NAME[@REVISION], a release folder on the Hub (models.hub_snapshot)."""
+    _torch(FROM_PYTORCH)
+    if models.is_hub_ref(input):
+        input = models.hub_snapshot(str(input))
+    return importer.import_checkpoint(
+        input,
+        out,
         text_model=text_model,
         num_heads=num_heads,
         config_file=config_file,
         overrides=overrides,
+        force=force,
     )
-
-    # Tokenizer: the release folder's own, else the text model's (offline-safe loader).
-    text_model = str(config.model.text_model)
-    if kind == "hf" and twin.has_tokenizer(input):
-        tokenizer = text_lib.load_tokenizer(str(Path(input)))
-    elif kind == "hf":
-        missing = f"{input} has no tokenizer files ({' / '.join(twin.TOKENIZER_FILES)})"
-        try:
-            tokenizer = text_lib.load_tokenizer(text_lib.resolve_text_model(text_model))
-        except UserError as e:
-            raise UserError(
-                f"{missing}, and the tokenizer of its text model {text_model!r} cannot be "
-                f"loaded: {e}. Give --text_model=<the BERT it was trained from>"
-            ) from None
-        log.warning("%s: using the tokenizer of text model %r instead", missing, text_model)
-    else:
-        tokenizer = text_lib.load_tokenizer(text_lib.resolve_text_model(text_model))
-    if len(tokenizer) > arch["vocab_size"]:
-        raise UserError(
-            f"the tokenizer of {text_model!r} has {len(tokenizer)} tokens but the "
-            f"checkpoint's vocabulary table {arch['vocab_size']} rows: give --text_model=<the "
-            "BERT the checkpoint was trained from>"
-        )
-    mcfg = run_lib.source_from_config(config, tokenizer=tokenizer).model_config
-
-    # Strict: every tensor of this architecture with its shape (PyTorch layout), no extras.
-    expected = {k[len(PREFIX) :]: v for k, v in mmpt_key_shapes(mcfg).items()}
-    twin.check_state_dict(expected, sd, source=f"{where} (keys without the {PREFIX} prefix)")
-    twin.check_floating(sd, source=where)  # an int weight or bias would load as garbage
-    abstract = signclip_model.abstract_model(mcfg)
-    report = signclip_model.from_state_dict(abstract, sd, source=where)
-    params = {"model": nnx.state(abstract, nnx.Param), "loss": _loss_params(config, meta)}
-    step_meta = {"converted_from": str(input), "source_format": kind, "tensors": len(report.loaded)}
-    with twin.staged_output(out, force=force, directory=True) as tmp:
-        _write_run(tmp, config, mcfg, params, tokenizer, step_meta)
-    return Path(out)
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -621,8 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
         "to-pytorch",
         help="export a workdir checkpoint to PyTorch",
         description="mmpt: a fairseq-style .pt whose 'model' loads strictly into the original "
-        "MMFusionSeparate (keys 'mmmodel.'-prefixed). hf: model.safetensors + config.json + "
-        "tokenizer, loaded by signclip_jax.torch_twin.TorchSignCLIP.from_pretrained(DIR).",
+        "MMFusionSeparate (keys 'mmmodel.'-prefixed). hf: a release folder, a complete Hugging "
+        "Face model repository (model.safetensors, config.json, tokenizer, a model card "
+        "README.md generated from the run), loaded by --model=DIR or hf-hub:ORG/NAME once "
+        "uploaded, and by signclip_jax.torch_twin.TorchSignCLIP.from_pretrained.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     cli.add_checkpoint_args(t)
@@ -635,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mmpt: add the position_ids buffers that transformers < 4.31 (the original's "
         "training environment, 3.4.0) expects; omit for transformers >= 4.31 (its inference "
         "environment, 4.51)",
+    )
+    t.add_argument(
+        "--repo_id", help="hf: the Hub repository ORG/NAME the folder is for (model card usage)"
+    )
+    t.add_argument(
+        "--license",
+        help="hf: the model card's license (a Hub license id, e.g. mit, cc-by-nc-4.0); "
+        "default: the config's `license`, else 'other'",
     )
     t.add_argument("--force", action="store_true", help="replace an existing --out")
 
@@ -649,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
         "values of the training config written there, e.g. --config.model.projection=linear_l2.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    f.add_argument("--input", required=True, help="FILE.pt or a release folder")
+    f.add_argument(
+        "--input", required=True, help="FILE.pt, a release folder or hf-hub:ORG/NAME[@REVISION]"
+    )
     f.add_argument("--out", required=True, help="workdir to create")
     f.add_argument(
         "--text_model",
@@ -683,18 +394,23 @@ def main(argv: list[str] | None = None) -> int:
     # Cheap checks first: they need no torch (an optional extra) and no checkpoint read.
     if Path(args.out).exists() and not args.force:
         raise UserError(f"{args.out} already exists; pass --force to replace it")
-    if args.command == "from-pytorch" and not Path(args.input).exists():
+    if args.command == "from-pytorch" and models.is_hub_ref(args.input):
+        models.parse_hub_ref(args.input)  # a bad reference: one line now
+    elif args.command == "from-pytorch" and not Path(args.input).exists():
         raise UserError(f"--input {args.input} does not exist")
     if args.command == "to-pytorch":
         out = to_pytorch(
             workdir=args.workdir,
             checkpoint=args.checkpoint,
+            model=args.model,
             which=args.which,
             format=args.format,
             out=args.out,
             dtype=args.dtype,
             position_ids=args.position_ids,
             force=args.force,
+            repo_id=args.repo_id,
+            license=args.license,
         )
         print(f"wrote {out} ({args.format}, {args.dtype})")
     else:

@@ -10,19 +10,18 @@ import JAX lazily.
 Release folders (`python -m signclip_jax.convert to-pytorch --format=hf`, or
 `TorchSignCLIP.save_pretrained`): `model.safetensors` (the original state_dict keys, no
 `mmmodel.` prefix), `config.json` (format tag and version, the model config with its BERT
-config, the input settings) and the tokenizer files. `TorchSignCLIP.from_pretrained(DIR)` reads
-them back and `.embed_texts` / `.embed_poses` embed with plain PyTorch (no JAX import).
+config, the input settings), the tokenizer files and the model card (README.md). The format
+and its torch-free reading live in interop/release.py. `TorchSignCLIP.from_pretrained(DIR)`
+(or `"hf-hub:ORG/NAME[@REVISION]"`) reads them back and `.embed_texts` / `.embed_poses` embed
+with plain PyTorch (no JAX import).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,28 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from signclip_jax import __version__
+from signclip_jax import __version__, models
 from signclip_jax.data.pose import PoseSpec, load_features
 from signclip_jax.data.text import encode_texts, load_tokenizer
 from signclip_jax.errors import DataError, UserError
 
-# The release folder format (config.json "format" / "format_version").
-HF_FORMAT = "signclip-jax/torch-twin"
-HF_FORMAT_VERSION = 1
-HF_WEIGHTS = "model.safetensors"
-HF_CONFIG = "config.json"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # either one makes a loadable BERT tokenizer
+# The release folder format and its torch-free helpers live in interop/release.py (the JAX side
+# reads releases without torch); the names stay importable from here.
+from signclip_jax.interop.release import (  # noqa: F401 (re-exported)
+    HF_CONFIG,
+    HF_FORMAT,
+    HF_FORMAT_VERSION,
+    HF_WEIGHTS,
+    MODEL_CARD,
+    TOKENIZER_FILES,
+    check_floating,
+    check_output,
+    check_state_dict,
+    has_tokenizer,
+    read_pretrained_config,
+    staged_output,
+)
+
 TORCH_DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -210,11 +220,15 @@ class TorchSignCLIP(nn.Module):
     ) -> TorchSignCLIP:
         """A release folder (model.safetensors + config.json + tokenizer) -> twin in eval mode.
 
+        `path`: the folder, or `hf-hub:ORG/NAME[@REVISION]`, a release on the Hugging Face Hub
+        (fetched through huggingface_hub: its cache, HF_HUB_OFFLINE, proxies, token).
         Loads strictly (every tensor of the original layout, nothing else; float tensors only).
         fp16 weights are upcast to `dtype` (fp32 by default). The tokenizer is the folder's;
         a folder without one gets its text model's (a warning says which), or none (a warning:
         `embed_texts` then refuses, `embed_poses` works).
         """
+        if models.is_hub_ref(path):
+            path = models.hub_snapshot(str(path))
         config = read_pretrained_config(path)
         twin = cls(config["model"], attn_implementation)
         weights = read_pretrained_weights(path)
@@ -380,90 +394,18 @@ def pretrained_config(
     }
 
 
-def check_state_dict(expected: Mapping[str, Any], given: Mapping[str, Any], *, source: str) -> None:
-    """DataError naming missing, unexpected and mis-shaped tensors of `given` (one line).
-
-    Values are tensors/arrays, or (in `expected`) shape tuples.
-    """
-    shape = lambda v: tuple(v) if isinstance(v, tuple | list) else tuple(v.shape)
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    mismatched = [
-        f"{k} {shape(given[k])} != {shape(expected[k])}"
-        for k in expected
-        if k in given and shape(given[k]) != shape(expected[k])
-    ]
-    parts = []
-    if missing:
-        parts.append(f"missing tensor(s) {missing}")
-    if unexpected:
-        parts.append(f"unexpected tensor(s) {unexpected}")
-    if mismatched:
-        parts.append(f"shape mismatch (file != model) {mismatched}")
-    if parts:
-        raise DataError(f"cannot load {source}: " + "; ".join(parts))
-
-
-def check_output(out: str | os.PathLike, force: bool) -> Path:
-    """`out` as a Path; UserError when it exists and `force` is off."""
-    out = Path(out)
-    if os.path.lexists(out) and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
-    return out
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        path.unlink()
-
-
-@contextlib.contextmanager
-def staged_output(
-    out: str | os.PathLike, *, force: bool = False, directory: bool = False
-) -> Iterator[Path]:
-    """Yields a temporary path beside `out` (a fresh folder if `directory`); when the block
-    succeeds it takes `out`'s place in one rename, else it is deleted. Readers never see a
-    half-written `out`. An existing `out` is refused unless `force`."""
-    out = check_output(out, force).absolute()  # Orbax refuses relative paths
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    else:
-        tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    try:
-        yield tmp
-        if os.path.lexists(out):
-            check_output(out, force)  # appeared meanwhile
-            aside = out.parent / f".{out.name}.{os.getpid()}.old"
-            _remove(aside)
-            os.replace(out, aside)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(aside, out)
-                raise
-            _remove(aside)
-        else:
-            os.replace(tmp, out)
-    finally:
-        _remove(tmp)
-
-
 def write_pretrained(
     path: str | os.PathLike,
     state_dict: Mapping[str, Any],
     config: Mapping[str, Any],
     *,
     tokenizer=None,
+    card: str | None = None,
     force: bool = False,
 ) -> Path:
     """Writes a release folder: model.safetensors (tensors as given: torch or numpy, in the
-    dtype of config["torch_dtype"]), config.json, tokenizer files. Atomic (staged_output)."""
+    dtype of config["torch_dtype"]), config.json, tokenizer files and, given `card`, the model
+    card README.md (interop/model_card.py). Atomic (staged_output)."""
     dtype = torch_dtype(config.get("torch_dtype", "float32"))
     tensors = {}
     for key, value in state_dict.items():
@@ -472,32 +414,15 @@ def write_pretrained(
         tensors[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     with staged_output(path, force=force, directory=True) as tmp:
         save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        (tmp / HF_WEIGHTS).chmod(0o666 & ~umask)  # safetensors writes it private (0600)
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if card is not None:
+            (tmp / MODEL_CARD).write_text(card)
     return Path(path)
-
-
-def read_pretrained_config(path: str | os.PathLike) -> dict[str, Any]:
-    """config.json of a release folder, checked (UserError naming the file when it is not one)."""
-    file = Path(path) / HF_CONFIG
-    if not file.is_file():
-        raise UserError(f"{path} is not a signclip-jax release folder (no {HF_CONFIG})")
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{file}: not readable JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != HF_FORMAT:
-        raise UserError(f"{file}: not a signclip-jax release config (format != {HF_FORMAT!r})")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > HF_FORMAT_VERSION:
-        raise UserError(
-            f"{file}: format_version {version!r} is newer than this code reads "
-            f"({HF_FORMAT_VERSION}); update signclip-jax"
-        )
-    if not isinstance(config.get("model"), dict) or "bert" not in config["model"]:
-        raise UserError(f"{file}: no model config (key 'model' with its 'bert' config)")
-    return config
 
 
 def read_pretrained_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -514,34 +439,6 @@ def read_pretrained_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise DataError(f"cannot read {file}: {e}") from None
     check_floating(weights, source=str(file))
     return weights
-
-
-def check_floating(tensors: Mapping[str, Any], *, source: str) -> None:
-    """DataError naming the tensors (torch or numpy) that are not floating point.
-
-    For state_dicts whose every tensor is a float parameter: a weight or bias stored as
-    integers (or bools) is a corrupt or mis-written file, and casting it would load garbage.
-    """
-    wrong = []
-    for key, value in tensors.items():
-        if isinstance(value, torch.Tensor):
-            ok, dtype = value.is_floating_point(), str(value.dtype).removeprefix("torch.")
-        else:
-            dtype = np.asarray(value).dtype
-            ok, dtype = np.issubdtype(dtype, np.floating), str(dtype)
-        if not ok:
-            wrong.append(f"{key} ({dtype})")
-    if wrong:
-        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
-        raise DataError(
-            f"{source}: {shown} not floating point where the model has float parameters "
-            "(a corrupt or mis-converted file; re-export it)"
-        )
-
-
-def has_tokenizer(path: str | os.PathLike) -> bool:
-    """True when the release folder holds tokenizer files (TOKENIZER_FILES)."""
-    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
 
 
 def _fallback_tokenizer(path: str | os.PathLike, text_model: str | None):

@@ -30,7 +30,7 @@ from signclip_jax.cli import run_cli
 from signclip_jax.data import synthetic
 from signclip_jax.errors import DataError, UserError
 from signclip_jax.extras import MissingExtra
-from signclip_jax.interop import convert
+from signclip_jax.interop import convert, importer
 from signclip_jax.interop.torch_twin import TorchSignCLIP, staged_output
 from signclip_jax.model import signclip as signclip_model
 from signclip_jax.model.bert import BertConfig
@@ -98,7 +98,7 @@ def test_mmpt_keys_of_baseline_temporal_are_the_originals():
                                     video_layers=12, text_layers=12, pose_dim=609)  # fmt: skip
     assert len(expected) == 404  # reference 8.2 key count
     config = load_config("spreadthesign")
-    got = convert.mmpt_key_shapes(config, position_ids=True)
+    got = importer.mmpt_key_shapes(config, position_ids=True)
     ids = {k: got.pop(k) for k in list(got) if k not in expected}
     assert got == expected
     assert sum(int(np.prod(s)) for s in got.values()) == 217_681_152  # reference 1.8
@@ -143,7 +143,7 @@ def test_mmpt_export_is_a_fairseq_dict_with_the_original_keys(exports, run):
     assert ckpt["signclip_jax"]["model"] == run.model_config.to_dict()
     assert ckpt["extra_state"]["train_iterator"]["epoch"] == 1
     sd = ckpt["model"]
-    assert {k: tuple(v.shape) for k, v in sd.items()} == convert.mmpt_key_shapes(run.model_config)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == importer.mmpt_key_shapes(run.model_config)
     c = run.model_config
     assert {k: tuple(v.shape) for k, v in sd.items()} == reference_key_shapes(
         vocab=c.bert.vocab_size, hidden=c.hidden_size, ffn=c.bert.intermediate_size,
@@ -163,11 +163,11 @@ def test_mmpt_export_is_a_fairseq_dict_with_the_original_keys(exports, run):
 def test_fp16_mmpt_export_has_position_ids_and_half_weights(exports, run):
     sd = torch.load(exports / "fp16.pt", weights_only=True)["model"]
     n = run.model_config.bert.max_position_embeddings
-    for key in convert._position_id_keys():
+    for key in importer.position_id_keys():
         ids = sd.pop("mmmodel." + key)
         assert ids.dtype == torch.int64 and ids.tolist() == [list(range(n))]
     assert all(v.dtype == torch.float16 for v in sd.values())
-    assert set(sd) == set(convert.mmpt_key_shapes(run.model_config))
+    assert set(sd) == set(importer.mmpt_key_shapes(run.model_config))
 
 
 def _assert_same_params(run_a, run_b, *, fp16=False):
@@ -357,7 +357,7 @@ def _fairseq_dict(twin: TorchSignCLIP, *, fp16=True, position_ids=True) -> dict:
     for k, v in twin.state_dict().items():
         sd["mmmodel." + k] = v.half() if fp16 else v.clone()
     if position_ids:
-        for key in convert._position_id_keys():
+        for key in importer.position_id_keys():
             sd["mmmodel." + key] = torch.arange(512)[None]
     return {
         "args": None,
