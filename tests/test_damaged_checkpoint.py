@@ -133,3 +133,18 @@ def test_train_resumes_from_the_newest_intact_step(tiny_workdir, tmp_path, caplo
     got = run_lib.load_run(copy).params()
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("damage", ["data file", "manifest"])
+def test_serve_refuses_a_damaged_step_before_starting_workers(damaged, tiny_workdir, tmp_path,
+                                                              damage):  # fmt: skip
+    """`serve` reads the checkpoint in full before gunicorn forks its workers: one line, exit 2,
+    naming the step and the intact one (it used to exit 4 after a worker failed to boot)."""
+    workdir = damaged
+    if damage == "manifest":
+        workdir = tmp_path / "run"
+        shutil.copytree(tiny_workdir, workdir)
+        _truncate(workdir / "checkpoints" / "4" / "params" / "manifest.ocdbt", 50)
+    res = _cli("signclip_jax.serve", f"--workdir={workdir}", "--port=1", "--batch_size=8")
+    _assert_one_line(res, workdir)
+    assert "gunicorn" not in res.stderr and "Booting worker" not in res.stderr

@@ -30,13 +30,16 @@ Differences from the original, on purpose:
 - Bad input of any kind is a 4xx with a JSON message, never a 500.
 - Texts are embedded as given: send the prompt ("<en> <ase> house"), as with the original.
 
-Inside one worker process: the model loads after the worker starts (JAX is not fork-safe, so
-never in a gunicorn master: no --preload), then `Embedder.warm_up()` compiles every (rows,
-length bucket) shape once; only then does the worker accept connections (or, with
-SIGNCLIP_WAIT_FOR_MODEL=0, it answers 503 until /ready says ready). Request threads validate
-and preprocess their input, then hand it to a single model thread (`Batcher`) that merges
-concurrent requests (waiting at most batch_wait_ms) into batches of up to batch_size rows per
-tower.
+Before gunicorn starts, a spawned process resolves the checkpoint and reads it in full on the
+CPU (`resolve_checkpoint`): a damaged step or one that does not match its model_config.json is
+a UserError and exit 2 (a damaged step: one line naming the intact step to pass with
+--checkpoint), not workers that die at boot. Inside one worker process: the model loads after
+the worker starts (JAX is not fork-safe, so never in a gunicorn master: no --preload), then
+`Embedder.warm_up()` compiles every (rows, length bucket) shape once; only then does the worker
+accept connections (or, with SIGNCLIP_WAIT_FOR_MODEL=0, it answers 503 until /ready says
+ready). Request threads validate and preprocess their input, then hand it to a single model
+thread (`Batcher`) that merges concurrent requests (waiting at most batch_wait_ms) into batches
+of up to batch_size rows per tower.
 """
 
 from __future__ import annotations
@@ -218,26 +221,42 @@ def __getattr__(name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------- CLI
-def _resolve_step_dir(workdir: str | None, checkpoint: str | None, which: str) -> str:
+def _verified_step_dir(
+    workdir: str | None, checkpoint: str | None, which: str, dtype: str | None
+) -> str:
     """Runs in a spawned child: the step directory every worker will load (so all workers
-    serve the same checkpoint even while training writes new ones), or a UserError."""
-    from signclip_jax import checkpoint as ckpt_lib  # imports JAX: only in this child
+    serve the same checkpoint even while training writes new ones), read in full once, or a
+    UserError. A damaged step (checkpoint.DamagedCheckpoint: it names the newest intact step)
+    or one that does not match model_config.json is then a usage error (exit 2) before
+    gunicorn starts, instead of workers that die at boot. The check runs on the CPU: this child must
+    not take an accelerator (a TPU has one owner) that the workers need next."""
+    import jax  # only in this child
+
+    jax.config.update("jax_platforms", "cpu")
+    from signclip_jax import checkpoint as ckpt_lib
+    from signclip_jax import run as run_lib
 
     step_dir = ckpt_lib.resolve_step_dir(workdir, checkpoint, which=which)
     run_dir = step_dir.parent.parent
     for name in ("config.json", "model_config.json"):
         if not (run_dir / name).exists():
             raise UserError(f"{run_dir / name} not found (is this a signclip-jax workdir?)")
+    run_lib.load_run(checkpoint=step_dir, dtype=dtype)  # restores every parameter
     return str(step_dir)
 
 
 def resolve_checkpoint(settings: ServeSettings) -> str:
-    """The step directory, resolved in a spawned process: this (gunicorn master) process must
-    not start JAX before it forks the workers."""
+    """The step directory, resolved and verified (it restores into the model of its run) in a
+    spawned process: this (gunicorn master) process must not start JAX before it forks the
+    workers. UserError (DamagedCheckpoint included) when it cannot be served."""
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
         future = pool.submit(
-            _resolve_step_dir, settings.workdir, settings.checkpoint, settings.which
+            _verified_step_dir,
+            settings.workdir,
+            settings.checkpoint,
+            settings.which,
+            settings.dtype,
         )
         return future.result()
 

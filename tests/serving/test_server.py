@@ -86,12 +86,38 @@ class Server:
         pytest.fail(f"server not ready after {timeout} s:\n{self.log.read_text()}")
 
 
-def start_server(args, log: Path) -> tuple[subprocess.Popen, int]:
+def start_server(
+    args, log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, int]:
     port = portpicker.pick_unused_port()
     cmd = [sys.executable, "-m", "signclip_jax.serve", f"--port={port}", *args]
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     return proc, port
+
+
+def gunicorn_workers(master: int) -> list[int]:
+    """The pids of a gunicorn master's workers (its children that run the app; not the
+    multiprocessing helpers a spawn context may leave beside them)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit():
+                continue
+            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # a process that just ended
+        if ppid == master and b"multiprocessing" not in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def proc_status_bytes(pid: int, key: str) -> int:
+    """A /proc/PID/status memory field (VmRSS, VmHWM, ...) in bytes."""
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M)[1]) * 1024
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -391,11 +417,9 @@ def test_slow_clients_are_cut_off_while_others_are_served(api):
 def _worker_peak_rss(master: int) -> dict[int, int]:
     """pid -> peak RSS in bytes (VmHWM) of each gunicorn worker (children of `master`)."""
     out = {}
-    for entry in Path("/proc").iterdir():
+    for pid in gunicorn_workers(master):
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().split()[3]) == master:
-                status = (entry / "status").read_text()
-                out[int(entry.name)] = int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024
+            out[pid] = proc_status_bytes(pid, "VmHWM")
         except (OSError, TypeError):
             continue  # a process that just ended
     return out
@@ -528,17 +552,43 @@ def test_cli_help_and_usage_errors(tmp_path):
     assert r.returncode == 2 and "--port" in r.stderr
 
 
-@pytest.mark.slow
-def test_worker_that_cannot_load_stops_the_server(tiny_workdir, tmp_path):
-    """A checkpoint that does not match its model_config.json: the worker reports it and exits,
-    gunicorn stops with a non-zero code instead of serving 503s forever."""
+def _mismatched_copy(tiny_workdir: Path, tmp_path: Path) -> Path:
+    """A copy of the run whose model_config.json asks for one more video layer."""
     broken = tmp_path / "broken"
     shutil.copytree(tiny_workdir, broken)
     spec = json.loads((broken / "model_config.json").read_text())
     spec["video_layers"] += 1
     (broken / "model_config.json").write_text(json.dumps(spec))
-    log = tmp_path / "server.log"
-    proc, _ = start_server([f"--workdir={broken}", "--batch_size=8"], log)
+    return broken
+
+
+def test_checkpoint_that_cannot_load_is_refused_before_gunicorn_starts(tiny_workdir, tmp_path):
+    """The checkpoint is read in full before any worker forks (in a spawned process): a
+    checkpoint that does not match its model_config.json is a usage error, exit 2, and
+    gunicorn never starts. (Damaged steps: tests/test_damaged_checkpoint.py.)"""
+    broken = _mismatched_copy(tiny_workdir, tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "signclip_jax.serve", f"--workdir={broken}", "--port=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: {broken / 'checkpoints' / '4'}: the checkpoint does not")
+    assert "Traceback" not in r.stderr and "gunicorn" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_worker_that_cannot_load_stops_gunicorn(tiny_workdir, tmp_path):
+    """gunicorn's own CLI (no check before the workers fork): the worker reports the error and
+    exits, gunicorn stops with code 4 instead of serving 503s or restarting it forever."""
+    broken = _mismatched_copy(tiny_workdir, tmp_path)
+    port = portpicker.pick_unused_port()
+    env = {**os.environ, "SIGNCLIP_WORKDIR": str(broken), "SIGNCLIP_BATCH_SIZE": "8"}
+    log = tmp_path / "gunicorn.log"
+    cmd = [sys.executable, "-m", "gunicorn", "-k", server_lib.WORKER_CLASS, "-w", "1",
+           "-b", f"127.0.0.1:{port}", "--timeout", "600", "--no-control-socket",
+           "signclip_jax.serve:create_app()"]  # fmt: skip
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
         code = proc.wait(180)
     finally:
