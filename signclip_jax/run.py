@@ -274,9 +274,12 @@ def _read_params(
     try:
         return ckpt_lib.restore_params(source.step_dir, abstract)
     except (ValueError, KeyError) as e:
+        # Orbax's message is a multi-line tree diff: one line, cut short, keeps the contract.
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
         raise UserError(
             f"{source.step_dir}: the checkpoint does not match "
-            f"{source.run_dir / MODEL_CONFIG_FILE} ({e})"
+            f"{source.run_dir / MODEL_CONFIG_FILE} ({detail})"
         ) from None
 
 
