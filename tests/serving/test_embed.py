@@ -1,5 +1,7 @@
 """python -m signclip_jax.embed: inputs (files, dirs, globs, texts file), per-file failures,
-the npz it writes, equality with the model's towers, and batch independence."""
+the npz it writes, equality with the model's towers, and batch independence; windows and
+segments of long recordings (resumable shards, each window equal to its slice embedded as a
+file), and per-clip .npy files."""
 
 import contextlib
 import io
@@ -16,10 +18,12 @@ from flax import nnx
 import signclip_jax.data
 from signclip_jax import run as run_lib
 from signclip_jax.data import pose as pose_lib
+from signclip_jax.data import segments as seg_lib
 from signclip_jax.data import text as text_lib
 from signclip_jax.errors import UserError
+from signclip_jax.serving import clips, video_input
 from signclip_jax.serving import embed as embed_lib
-from signclip_jax.serving import video_input
+from signclip_jax.serving import embedder as embedder_lib
 from tests.helpers import write_pose
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -289,3 +293,220 @@ def test_real_recordings(shared_pose, tiny_workdir, reference, tmp_path, capsys)
     assert "pose-format-mediapipe.pose" in capsys.readouterr().err
     ref, _ = reference([house], [])
     np.testing.assert_allclose(npz["pose_embeddings"], ref, atol=1e-5)
+
+
+# ------------------------------------------------------------- continuous signing (issue 18)
+def _slices_as_files(pose_path, starts, ends) -> list[bytes]:
+    """Each [start, end) of a recording cut out and written as a .pose file of its own."""
+    pose = pose_lib.read_pose(pose_path)
+    out = []
+    for s, e in zip(starts, ends):
+        buffer = io.BytesIO()
+        seg_lib.slice_pose(pose, int(s), int(e)).write(buffer)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _check_windows(rec, out, tiny_workdir, frames, fps):
+    """The rows of `out` are every 64/16 window of `rec`, each equal (<= 1e-5) to embedding
+    the slice as its own file."""
+    rows = clips.load_rows(out)
+    spans = seg_lib.window_spans(frames, 64, 16)
+    assert [tuple(x) for x in zip(rows["start_frames"], rows["end_frames"])] == spans
+    assert set(rows["files"]) == {str(rec)} and len(rows["failed_files"]) == 0
+    np.testing.assert_allclose(rows["start_seconds"], rows["start_frames"] / fps)
+    np.testing.assert_allclose(rows["end_seconds"], rows["end_frames"] / fps)
+    assert rows["embeddings"].dtype == np.float32
+    embedder = embedder_lib.Embedder(run_lib.load_run(tiny_workdir), batch_size=64)
+    alone = embedder.embed_poses(_slices_as_files(rec, rows["start_frames"], rows["end_frames"]))
+    np.testing.assert_allclose(rows["embeddings"], alone, atol=1e-5)
+    return rows
+
+
+def test_five_minute_recording_in_windows_resumes(tiny_workdir, tmp_path, monkeypatch):
+    """A 5-minute recording (generated clips of several signers one after the other) embedded
+    with --window=64 --stride=16 in one command, interrupted after two shards: the rerun
+    continues there (the finished rows are not embedded again), and every window equals the
+    slice embedded as its own file."""
+    from tests.data.test_segments import write_long_pose
+
+    frames = 5 * 60 * 25
+    rec = write_long_pose(tmp_path / "session.pose", frames)
+    out = tmp_path / "rows"
+    argv = [f"--workdir={tiny_workdir}", "--poses", str(rec), "--window=64", "--stride=16",
+            f"--out={out}", "--shard_rows=128", "--texts", "<en> <ase> house"]  # fmt: skip
+    write = clips.files_lib.write_npz_atomic
+    written = []
+
+    def stop_after_two(path, arrays):
+        if len(written) == 3:  # texts.npz and two shards are written: Ctrl-C in the third
+            raise KeyboardInterrupt
+        write(path, arrays)
+        written.append(path)
+
+    monkeypatch.setattr(clips.files_lib, "write_npz_atomic", stop_after_two)
+    err = io.StringIO()
+    with pytest.raises(KeyboardInterrupt), redirect_stderr(err):
+        embed_lib.main(argv)
+    monkeypatch.setattr(clips.files_lib, "write_npz_atomic", write)
+    assert [p.name for p in sorted(out.glob("rows-*.npz"))] == ["rows-00000.npz", "rows-00001.npz"]
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("rows-*.npz")}
+
+    embedded = []
+    embed_features = embedder_lib.Embedder.embed_features
+
+    def counting(self, features):
+        embedded.append(len(features))
+        return embed_features(self, features)
+
+    monkeypatch.setattr(embedder_lib.Embedder, "embed_features", counting)
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = embed_lib.main(argv)
+    monkeypatch.setattr(embedder_lib.Embedder, "embed_features", embed_features)
+    n = len(seg_lib.window_spans(frames, 64, 16))
+    assert code == 0 and n == 466
+    assert sum(embedded) == n - 256  # only the rows after the two finished shards
+    assert max(embedded) > 64  # in large batches, not a model call per window
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("rows-0000[01].npz")} == done
+    assert f"wrote 4 shard(s) to {out}: 466 rows" in err.getvalue()
+    texts = np.load(out / "texts.npz")
+    assert list(texts["texts"]) == ["<en> <ase> house"] and texts["text_embeddings"].shape == (
+        1,
+        32,
+    )
+    _check_windows(rec, out, tiny_workdir, frames, 25.0)
+
+
+def test_windows_in_seconds_and_segments(tiny_workdir, tmp_path):
+    from tests.data.test_segments import write_long_pose
+
+    rec = write_long_pose(tmp_path / "talk.pose", 300)
+    frames_out, seconds_out = tmp_path / "frames", tmp_path / "seconds"
+    for out, window, stride in ((frames_out, "64", "16"), (seconds_out, "2.56s", "640ms")):
+        cut = [f"--window={window}", f"--stride={stride}", f"--out={out}", "-q"]
+        code = embed_lib.main([f"--workdir={tiny_workdir}", "--poses", str(rec), *cut])
+        assert code == 0
+    a, b = clips.load_rows(frames_out), clips.load_rows(seconds_out)
+    np.testing.assert_array_equal(a["start_frames"], b["start_frames"])
+    np.testing.assert_allclose(a["embeddings"], b["embeddings"], atol=1e-6)
+
+    # Subtitles belong to the pose of the same name; CSV rows name theirs.
+    (tmp_path / "talk.srt").write_text(
+        "1\n00:00:01,000 --> 00:00:02,000\nHOUSE\n\n2\n00:00:20,000 --> 00:00:21,000\nlate\n"
+    )
+    (tmp_path / "parts.csv").write_text("file,start_frame,end_frame,label\ntalk.pose,100,164,X\n")
+    out = tmp_path / "segs"
+    err = io.StringIO()
+    with redirect_stderr(err):
+        segs = ["--segments", str(tmp_path / "talk.srt"), "--segments", str(tmp_path / "parts.csv")]
+        code = embed_lib.main([f"--workdir={tiny_workdir}", "--poses", str(rec), *segs,
+                               f"--out={out}"])  # fmt: skip
+    assert code == 1  # the second cue lies past the 12 s recording
+    rows = clips.load_rows(out)
+    assert list(rows["labels"]) == ["HOUSE", "X"]
+    assert list(zip(rows["start_frames"], rows["end_frames"])) == [(25, 50), (100, 164)]
+    assert list(rows["failed_errors"]) and "lies outside" in rows["failed_errors"][0]
+    assert "failed:" in err.getvalue() and "talk.srt line 6" in err.getvalue()
+    run = run_lib.load_run(tiny_workdir)
+    alone = embedder_lib.Embedder(run).embed_poses(_slices_as_files(rec, [25, 100], [50, 164]))
+    np.testing.assert_allclose(rows["embeddings"], alone, atol=1e-5)
+
+    # A rerun with other arguments into the same folder is refused, naming what differs.
+    with pytest.raises(UserError, match=r"holds the rows of another job .*differs in .*window"):
+        embed_lib.main([f"--workdir={tiny_workdir}", "--poses", str(rec), "--window=32",
+                        f"--out={out}"])  # fmt: skip
+
+
+def test_rows_usage_errors(tmp_path):
+    pose = write_pose(tmp_path / "a.pose", 20, 1)
+    (tmp_path / "b.srt").write_text("1\n00:00:00,000 --> 00:00:00,500\nx\n")
+    w = ["--workdir", str(tmp_path / "no_run"), "--poses", str(pose)]
+    cases = [
+        ([*w, "--window=64", "--segments=x.srt", "--out", str(tmp_path / "o")], "give one"),
+        ([*w, "--stride=16", "--out", str(tmp_path / "o")], "--stride needs --window"),
+        ([*w, "--window=64"], "give --out=DIR"),
+        ([*w, "--window=64", "--out_dir", str(tmp_path), "--out", "o"], "--out_dir writes one"),
+        ([*w, "--window=6.5", "--out", str(tmp_path / "o")], "--window '6.5'"),
+        ([*w, "--window=64", "--out", str(pose)], "is a file"),
+        ([*w, "--tier=x", "--out", "o.npz"], "--tier needs --segments"),
+        (
+            [*w, "--segments", str(tmp_path / "b.srt"), "--out", str(tmp_path / "o")],
+            "--segments " + str(tmp_path / "b.srt") + ": no --poses file matches",
+        ),
+        ([*w, "--name=m", "--out", "o.npz"], "--name names the --out_dir files"),
+        ([*w, "--out_dir", str(tmp_path / "d"), "--name=a/b"], "--name 'a/b'"),
+        (w, "give --out=FILE.npz and/or --out_dir=DIR"),
+    ]
+    (tmp_path / "other.pose").write_bytes(pose.read_bytes())
+    cases[7][0][3:3] = [str(tmp_path / "other.pose")]  # two poses, neither named b
+    for argv, message in cases:
+        r = _cli(*argv)
+        assert r.returncode == 2 and message in r.stderr, (argv, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_out_dir_writes_one_npy_per_clip(tiny_workdir, poses, tmp_path):
+    """--out_dir: <stem>-using-model-<MODEL>.npy, [H] float32, the npz's rows; --normalize
+    scales them to unit length."""
+    inputs = [str(poses / "short.pose"), str(poses / "long.pose"), str(poses / "corrupt.pose")]
+    out_dir, npz = tmp_path / "emb", tmp_path / "emb.npz"
+    code = embed_lib.main([f"--workdir={tiny_workdir}", "--poses", *inputs, f"--out={npz}",
+                           f"--out_dir={out_dir}", "--name=tiny", "-q"])  # fmt: skip
+    assert code == 1  # corrupt.pose failed
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "long-using-model-tiny.npy", "short-using-model-tiny.npy"
+    ]  # fmt: skip
+    ref = np.load(npz)
+    for i, stem in enumerate(["short", "long"]):
+        row = np.load(out_dir / f"{stem}-using-model-tiny.npy")
+        assert row.shape == (32,) and row.dtype == np.float32
+        np.testing.assert_array_equal(row, ref["pose_embeddings"][i])
+    unit_dir = tmp_path / "unit"
+    flags = [f"--out_dir={unit_dir}", "--normalize", "--long_poses=window", "-q"]
+    code = embed_lib.main([f"--workdir={tiny_workdir}", "--poses", *inputs[:2], *flags])
+    assert code == 0
+    name = tiny_workdir.name  # default MODEL: the run folder's name
+    short = np.load(unit_dir / f"short-using-model-{name}.npy")
+    np.testing.assert_allclose(np.linalg.norm(short), 1.0, atol=1e-6)
+    np.testing.assert_allclose(
+        short, ref["pose_embeddings"][0] / np.linalg.norm(ref["pose_embeddings"][0]), atol=1e-6
+    )
+    # long.pose (150 frames > max_frames 96) is the mean of its windows with --long_poses=window.
+    long = np.load(unit_dir / f"long-using-model-{name}.npy")
+    assert (
+        np.abs(long - ref["pose_embeddings"][1] / np.linalg.norm(ref["pose_embeddings"][1])).max()
+        > 1e-3
+    )
+    r = _cli(f"--workdir={tiny_workdir}", "--poses", str(poses / "dir" / "a.pose"),
+             str(poses / "dir" / "nested" / "c.pose"), str(tmp_path / "x" / "a.pose"),
+             f"--out_dir={tmp_path / 'clash'}")  # fmt: skip
+    assert r.returncode == 2 and "would both write a-using-model-MODEL.npy" in r.stderr
+
+
+@pytest.mark.shared_data
+def test_real_five_minute_recording(shared_data, tiny_workdir, tmp_path):
+    """Real recordings (three signs, two signers) concatenated into 5 minutes at 25 fps:
+    every 64/16 window equals the slice embedded as its own file."""
+    names = ["spreadthesign-ase-house.pose", "colin-1-HOUSE.pose", "colin-SAD.pose"]
+    poses = [pose_lib.read_pose(shared_data / "poses" / n) for n in names]
+    frames = 5 * 60 * 25
+    data, conf, total = [], [], 0
+    while total < frames:
+        for p in poses:
+            data.append(np.ma.getdata(p.body.data))
+            conf.append(np.asarray(p.body.confidence))
+            total += len(data[-1])
+    from pose_format import Pose
+    from pose_format.numpy import NumPyPoseBody
+
+    body = NumPyPoseBody(25.0, np.concatenate(data)[:frames], np.concatenate(conf)[:frames])
+    rec = tmp_path / "real_session.pose"
+    buffer = io.BytesIO()
+    Pose(poses[0].header, body).write(buffer)
+    rec.write_bytes(buffer.getvalue())
+    out = tmp_path / "rows"
+    code = embed_lib.main([f"--workdir={tiny_workdir}", "--poses", str(rec), "--window=64",
+                           "--stride=16", f"--out={out}", "-q"])  # fmt: skip
+    assert code == 0
+    _check_windows(rec, out, tiny_workdir, frames, 25.0)
