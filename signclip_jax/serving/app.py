@@ -42,10 +42,19 @@ APP_LOAD_ERROR = 4  # gunicorn's exit code for "App failed to load": the master 
 
 
 # ---------------------------------------------------------------------------------- model host
-class ModelHost:
-    """Loads the model in a background thread, then holds the Embedder and the Batcher.
+class ServedModel:
+    """One model of a server: its Embedder, its Batcher (own model thread, queue and batches)
+    and what /ready and /health say about it."""
 
-    status: "loading" -> "ready" (loaded and, with warm_up, compiled) or "failed".
+    def __init__(self, name: str, embedder: Any, batcher: Any, info: dict[str, Any]):
+        self.name, self.embedder, self.batcher, self.info = name, embedder, batcher, info
+
+
+class ModelHost:
+    """Loads the served models (settings.served(): one, or several by name) in a background
+    thread, then holds one ServedModel per name.
+
+    status: "loading" -> "ready" (every model loaded and, with warm_up, compiled) or "failed".
     """
 
     def __init__(self, settings: ServeSettings, *, exit_on_failure: bool = False):
@@ -53,9 +62,9 @@ class ModelHost:
         self.exit_on_failure = exit_on_failure  # os._exit: the only way out of a thread
         self.status = "loading"
         self.error: str | None = None
-        self.info: dict[str, Any] = {}
-        self.embedder: Any = None
-        self.batcher: Batcher | None = None
+        self.served = settings.served()  # [(name, REF)]; REF "": settings.workdir/checkpoint
+        self.names = [name for name, _ in self.served]
+        self.models: dict[str, ServedModel] = {}
         self._thread = threading.Thread(target=self._load, name="signclip-load", daemon=True)
 
     def start(self) -> ModelHost:
@@ -67,48 +76,53 @@ class ModelHost:
         return self.status
 
     def _load(self) -> None:
-        s = self.settings
+        current = self.names[0]
         try:
-            start = time.monotonic()
-            from signclip_jax import run as run_lib  # jax starts here, in the worker, after fork
-            from signclip_jax.serving import embedder as embedder_lib
-
-            run = run_lib.load_run(s.workdir, s.checkpoint, which=s.which, dtype=s.dtype)
-            embedder = embedder_lib.Embedder(run, batch_size=s.batch_size)
-            loaded = time.monotonic()
-            if s.warm_up:
-                embedder.warm_up()
-            self.embedder = embedder
-            self.info = {
-                "model_name": s.model_name,
-                "checkpoint": str(run.step_dir),
-                "step": run.step,
-                "hidden_size": embedder.hidden_size,
-                "max_frames": embedder.spec.max_frames,
-                "feature_dim": embedder.spec.feature_dim,
-                "length_buckets": list(embedder.settings.lengths),
-                "batch_rows": list(embedder.row_sizes),
-                "devices": len(embedder.mesh.devices.flat),
-                "dtype": run.model_config.dtype,
-                "load_s": round(loaded - start, 2),
-                "warm_up_s": round(time.monotonic() - loaded, 2),
-            }
-            self.batcher = Batcher(
-                embedder,
-                batch_size=s.batch_size,
-                wait_s=s.batch_wait_ms / 1000,
-                max_queue=s.max_queue,
-            )
+            for current, ref in self.served:
+                self.models[current] = self._load_one(current, ref)
             self.status = "ready"
-            log.info("model ready (pid %d): %s", os.getpid(), json.dumps(self.info))
         except BaseException as e:  # reported through /ready or the exit code
-            self.error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            self.error = f"model {current!r}: {error}" if len(self.served) > 1 else error
             self.status = "failed"
             if not isinstance(e, UserError):
-                log.exception("loading the model failed")
+                log.exception("loading model %r failed", current)
             print(f"error: loading the model failed: {self.error}", file=sys.stderr, flush=True)
             if self.exit_on_failure:
                 os._exit(APP_LOAD_ERROR)
+
+    def _load_one(self, name: str, ref: str) -> ServedModel:
+        s = self.settings
+        start = time.monotonic()
+        from signclip_jax import models as models_lib
+        from signclip_jax import run as run_lib  # jax starts here, in the worker, after fork
+        from signclip_jax.serving import embedder as embedder_lib
+
+        workdir, checkpoint = models_lib.resolve(ref) if ref else (s.workdir, s.checkpoint)
+        run = run_lib.load_run(workdir, checkpoint, which=s.which, dtype=s.dtype)
+        embedder = embedder_lib.Embedder(run, batch_size=s.batch_size)
+        loaded = time.monotonic()
+        if s.warm_up:
+            embedder.warm_up()
+        info = {
+            "model_name": name,
+            "checkpoint": str(run.step_dir),
+            "step": run.step,
+            "hidden_size": embedder.hidden_size,
+            "max_frames": embedder.spec.max_frames,
+            "feature_dim": embedder.spec.feature_dim,
+            "length_buckets": list(embedder.settings.lengths),
+            "batch_rows": list(embedder.row_sizes),
+            "devices": len(embedder.mesh.devices.flat),
+            "dtype": run.model_config.dtype,
+            "load_s": round(loaded - start, 2),
+            "warm_up_s": round(time.monotonic() - loaded, 2),
+        }
+        batcher = Batcher(
+            embedder, batch_size=s.batch_size, wait_s=s.batch_wait_ms / 1000, max_queue=s.max_queue
+        )
+        log.info("model ready (pid %d): %s", os.getpid(), json.dumps(info))
+        return ServedModel(name, embedder, batcher, info)
 
     def require_ready(self) -> None:
         if self.status == "loading":
@@ -117,12 +131,17 @@ class ModelHost:
             # The reason (which may name server paths) is in the log and on /ready.
             raise ApiError(503, "model failed to load; see the server log")
 
-    def embed(self, poses: Sequence[np.ndarray], texts: Sequence[str]):
-        """-> (pose embeddings [P, H], text embeddings [T, H]) float32, via the model thread."""
+    def model(self, name: str | None = None) -> ServedModel:
+        """The ready model called `name` (default: the first); 503 while not ready."""
         self.require_ready()
-        assert self.batcher is not None
+        return self.models[name or self.names[0]]
+
+    def embed(self, poses: Sequence[np.ndarray], texts: Sequence[str], name: str | None = None):
+        """-> (pose embeddings [P, H], text embeddings [T, H]) float32 of model `name`
+        (default: the first), via that model's thread."""
+        batcher = self.model(name).batcher
         try:
-            future = self.batcher.submit(poses, texts)
+            future = batcher.submit(poses, texts)
         except QueueFull:
             raise ApiError(
                 503, "server busy: too many requests waiting", {"Retry-After": "1"}
@@ -133,10 +152,47 @@ class ModelHost:
             future.cancel()
             raise ApiError(503, "timed out waiting for the model", {"Retry-After": "5"}) from None
 
+    # The first (default) model's Embedder and Batcher, for code written for one model (and
+    # tests that stand in a fake one).
+    def _first(self) -> ServedModel:
+        name = self.names[0]
+        return self.models.setdefault(name, ServedModel(name, None, None, {}))
+
+    @property
+    def embedder(self) -> Any:
+        return self.models[self.names[0]].embedder if self.names[0] in self.models else None
+
+    @embedder.setter
+    def embedder(self, value: Any) -> None:
+        self._first().embedder = value
+
+    @property
+    def batcher(self) -> Any:
+        return self.models[self.names[0]].batcher if self.names[0] in self.models else None
+
+    @batcher.setter
+    def batcher(self, value: Any) -> None:
+        self._first().batcher = value
+
+    def listing(self) -> list[dict[str, Any]]:
+        """/health's list: every served model's name and, once loaded, its checkpoint (step
+        directory), embedding size and max_frames."""
+        out = []
+        for name, _ in self.served:
+            item: dict[str, Any] = {"name": name}
+            served = self.models.get(name)
+            if served is not None:
+                keys = ("checkpoint", "hidden_size", "max_frames")
+                item.update({k: served.info[k] for k in keys if k in served.info})
+            out.append(item)
+        return out
+
 
 # ---------------------------------------------------------------------------------- requests
-def request_poses(body: dict[str, Any], host: ModelHost, *, required: bool) -> list[np.ndarray]:
-    """The `pose` (and `video`) items of a request -> features, in that order."""
+def request_poses(
+    body: dict[str, Any], host: ModelHost, *, required: bool, name: str | None = None
+) -> list[np.ndarray]:
+    """The `pose` (and `video`) items of a request -> features for model `name`, in order."""
     s = host.settings
     poses = string_items(body, "pose", s.max_items) or []
     videos = string_items(body, "video", s.max_items) or []
@@ -148,12 +204,11 @@ def request_poses(body: dict[str, Any], host: ModelHost, *, required: bool) -> l
         raise ApiError(413, f"{len(poses) + len(videos)} poses; at most {s.max_items} per request")
     blobs = [decode_base64(p, f"'pose'[{i}]") for i, p in enumerate(poses)]
     names = [f"'pose'[{i}]" for i in range(len(poses))]
-    host.require_ready()  # the spec comes with the model
+    spec = host.model(name).embedder.spec  # the spec comes with the model
     for i, v in enumerate(videos):
         name = f"'video'[{i}]"
         blobs.append(video_pose_bytes(decode_base64(v, name), name))
         names.append(name)
-    spec = host.embedder.spec
     # Frames, points and decoding memory are checked on the header, before pose-format
     # allocates: a small file must not be able to declare gigabytes of zeros (issue 17).
     limits = dict(max_frames=s.max_pose_frames, max_alloc_bytes=pose_alloc_limit(s.max_body_bytes))
@@ -299,20 +354,24 @@ def create_app(
                 response.headers["Access-Control-Max-Age"] = "86400"
         return response
 
-    def body() -> dict[str, Any]:
+    def body() -> tuple[dict[str, Any], str]:
+        """The request's JSON object and the model it names (`model_name`, default the first)."""
         data = parse_json_body(_read_body(flask.request, settings.max_body_bytes))
-        check_model_name(data, settings.model_name)
-        return data
+        return data, check_model_name(data, host.names)
 
     @app.get("/health")
     def health():
-        return {"status": "ok"}
+        return {"status": "ok", "models": host.listing()}
 
     @app.get("/ready")
     def ready():
         if host.status == "ready":
-            stats = {"requests": host.batcher.requests, "model_calls": host.batcher.batches}
-            return {"status": "ready", **host.info, **stats}
+            models = []
+            for served in host.models.values():
+                stats = {"requests": served.batcher.requests, "model_calls": served.batcher.batches}
+                models.append({**served.info, **stats})
+            # The first (default) model's fields at the top, as with one model; all in "models".
+            return {"status": "ready", **models[0], "models": models}
         payload = {"status": host.status}
         if host.error:
             payload["error"] = host.error
@@ -322,22 +381,23 @@ def create_app(
     def embed(modality: str):
         if modality not in ("pose", "text"):
             raise ApiError(404, f"unknown modality {modality!r}: use /api/embed/pose or /text")
-        data = body()
+        data, name = body()
         if modality == "text":
-            _, emb = host.embed([], request_texts(data, host))
+            _, emb = host.embed([], request_texts(data, host), name)
         else:
-            emb, _ = host.embed(request_poses(data, host, required=True), [])
+            emb, _ = host.embed(request_poses(data, host, required=True, name=name), [], name)
         return {"embeddings": emb.tolist()}
 
     @app.route("/api/score", methods=["GET", "POST"])
     def score():
-        data = body()
+        data, name = body()
         texts = request_texts(data, host)
-        pose_emb, text_emb = host.embed(request_poses(data, host, required=True), texts)
+        poses = request_poses(data, host, required=True, name=name)
+        pose_emb, text_emb = host.embed(poses, texts, name)
         # Raw dot products, as the original's score_pose_and_text (section 9.2).
         return {"scores": (pose_emb @ text_emb.T).tolist()}
 
     return app
 
 
-__all__ = ["APP_LOAD_ERROR", "ApiError", "ModelHost", "create_app"]
+__all__ = ["APP_LOAD_ERROR", "ApiError", "ModelHost", "ServedModel", "create_app"]

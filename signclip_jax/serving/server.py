@@ -1,6 +1,7 @@
 r"""HTTP API over a trained model: `python -m signclip_jax.serve`.
 
   python -m signclip_jax.serve --workdir=runs/demo --port=3030 [--host=127.0.0.1] [--workers=1]
+  python -m signclip_jax.serve --model=asl=runs/asl --model=hf-hub:ORG/NAME --port=3030
   # the same with gunicorn's own CLI (settings from SIGNCLIP_* environment variables;
   # --timeout covers the model load and compile, during which the worker cannot heartbeat):
   SIGNCLIP_WORKDIR=runs/demo gunicorn -k signclip_jax.serving.server.ServeWorker \
@@ -12,7 +13,7 @@ Routes (the original `app.py`'s, reference section 9.1, plus extensions marked +
   GET|POST /api/embed/pose   {"pose": base64 .pose | [...], "video"?+: base64 video | [...]}
       -> {"embeddings": [[H floats], ...]}  one row per input, raw (not normalised) vectors
   GET|POST /api/score +      {"pose": ..., "text": ...} -> {"scores": [[P x T dot products]]}
-  GET /health +              liveness: {"status": "ok"}
+  GET /health +              liveness: {"status": "ok", "models": [{"name", ...}, ...]}
   GET /ready +               200 {"status": "ready", ...} once the model is loaded and compiled
                              for every length bucket; 503 {"status": "loading"|"failed"} before
 Errors are JSON {"error": message, "status": code}: 400 malformed request, 413 over a limit,
@@ -25,21 +26,24 @@ Differences from the original, on purpose:
   other poses of the request; here they never do.
 - Poses longer than max_frames keep their first max_frames frames (the original asserted).
 - POST is accepted as well as GET-with-a-body (many HTTP clients cannot send the latter).
-- One model per server: `model_name` may be omitted or must equal the served name ("default"
-  unless --model_name says otherwise); anything else is a 400, not a 500.
+- Several models per server (--model=[NAME=]REF, repeatable): a request's `model_name` picks
+  one (default: the first; a single unnamed model is "default", or --model_name); an unknown
+  name is a 400 listing the served names, not a 500. Each model has its own model thread,
+  queue and batches in every worker, and every worker holds every model.
 - Bad input of any kind is a 4xx with a JSON message, never a 500.
 - Texts are embedded as given: send the prompt ("<en> <ase> house"), as with the original.
 
-Before gunicorn starts, a spawned process resolves the checkpoint and reads it in full on the
-CPU (`resolve_checkpoint`): a damaged step or one that does not match its model_config.json is
-a UserError and exit 2 (a damaged step: one line naming the intact step to pass with
---checkpoint), not workers that die at boot. Inside one worker process: the model loads after
-the worker starts (JAX is not fork-safe, so never in a gunicorn master: no --preload), then
-`Embedder.warm_up()` compiles every (rows, length bucket) shape once; only then does the worker
-accept connections (or, with SIGNCLIP_WAIT_FOR_MODEL=0, it answers 503 until /ready says
-ready). Request threads validate and preprocess their input, then hand it to a single model
-thread (`Batcher`) that merges concurrent requests (waiting at most batch_wait_ms) into batches
-of up to batch_size rows per tower.
+Before gunicorn starts, a spawned process resolves every model's checkpoint and reads it in
+full on the CPU (`resolve_models`): a damaged step or one that does not match its
+model_config.json is a UserError and exit 2 (a damaged step: one line naming the intact step
+to pass with --checkpoint; with several models the line names the model), not workers that
+die at boot. Inside one worker process: the models load after the worker starts (JAX is not
+fork-safe, so never in a gunicorn master: no --preload), then `Embedder.warm_up()` compiles
+every (rows, length bucket) shape once per model; only then does the worker accept
+connections (or, with SIGNCLIP_WAIT_FOR_MODEL=0, it answers 503 until /ready says
+ready). Request threads validate and preprocess their input, then hand it to the chosen
+model's thread (`Batcher`, one per model) that merges concurrent requests (waiting at most
+batch_wait_ms) into batches of up to batch_size rows per tower.
 """
 
 from __future__ import annotations
@@ -222,20 +226,25 @@ def __getattr__(name: str) -> Any:
 
 # ---------------------------------------------------------------------------------- CLI
 def _verified_step_dir(
-    workdir: str | None, checkpoint: str | None, which: str, dtype: str | None
+    workdir: str | None, checkpoint: str | None, which: str, dtype: str | None, ref: str = ""
 ) -> str:
     """Runs in a spawned child: the step directory every worker will load (so all workers
     serve the same checkpoint even while training writes new ones), read in full once, or a
-    UserError. A damaged step (checkpoint.DamagedCheckpoint: it names the newest intact step)
-    or one that does not match model_config.json is then a usage error (exit 2) before
-    gunicorn starts, instead of workers that die at boot. The check runs on the CPU: this child must
-    not take an accelerator (a TPU has one owner) that the workers need next."""
+    UserError. `ref`: a model reference (models.resolve: a release is imported here, once)
+    instead of workdir / checkpoint. A damaged step (checkpoint.DamagedCheckpoint: it names
+    the newest intact step) or one that does not match model_config.json is then a usage
+    error (exit 2) before gunicorn starts, instead of workers that die at boot. The check runs
+    on the CPU: this child must not take an accelerator (a TPU has one owner) that the
+    workers need next."""
     import jax  # only in this child
 
     jax.config.update("jax_platforms", "cpu")
     from signclip_jax import checkpoint as ckpt_lib
+    from signclip_jax import models as models_lib
     from signclip_jax import run as run_lib
 
+    if ref:
+        workdir, checkpoint = models_lib.resolve(ref)
     step_dir = ckpt_lib.resolve_step_dir(workdir, checkpoint, which=which)
     run_dir = step_dir.parent.parent
     for name in ("config.json", "model_config.json"):
@@ -245,20 +254,40 @@ def _verified_step_dir(
     return str(step_dir)
 
 
-def resolve_checkpoint(settings: ServeSettings) -> str:
-    """The step directory, resolved and verified (it restores into the model of its run) in a
-    spawned process: this (gunicorn master) process must not start JAX before it forks the
-    workers. UserError (DamagedCheckpoint included) when it cannot be served."""
+def _verified_models(settings: ServeSettings) -> list[tuple[str, str]]:
+    """Spawned child: [(name, verified step directory)] of every served model, in order; a
+    UserError names the model when there are several."""
+    served = settings.served()
+    out = []
+    for name, ref in served:
+        try:
+            step_dir = _verified_step_dir(
+                settings.workdir, settings.checkpoint, settings.which, settings.dtype, ref
+            )
+        except UserError as e:
+            if len(served) == 1:
+                raise
+            raise UserError(f"model {name!r}: {e}") from None
+        out.append((name, step_dir))
+    return out
+
+
+def resolve_models(settings: ServeSettings) -> ServeSettings:
+    """`settings` with every model resolved and verified (it restores into the model of its
+    run) in a spawned process, as model=("NAME=STEP_DIR", ...): this (gunicorn master)
+    process must not start JAX before it forks the workers, and every worker then serves the
+    same checkpoints. UserError (DamagedCheckpoint included) when one cannot be served."""
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        future = pool.submit(
-            _verified_step_dir,
-            settings.workdir,
-            settings.checkpoint,
-            settings.which,
-            settings.dtype,
-        )
-        return future.result()
+        verified = pool.submit(_verified_models, settings).result()
+    return dataclasses.replace(
+        settings, workdir=None, checkpoint=None, model=tuple(f"{n}={d}" for n, d in verified)
+    )
+
+
+def resolve_checkpoint(settings: ServeSettings) -> str:
+    """The step directory of the first (default) served model, resolved and verified."""
+    return resolve_models(settings).served()[0][1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    cli.add_checkpoint_args(p)
+    _add_model_args(p)
     p.add_argument("--port", type=int, required=True)
     p.add_argument(
         "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)"
@@ -286,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="request threads per worker (they share one model thread)",
     )
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16")
-    p.add_argument("--model_name", default=d.model_name)
+    p.add_argument(
+        "--model_name",
+        default=d.model_name,
+        help="the name of a single model given without NAME= (default: default)",
+    )
     p.add_argument("--batch_size", type=int, default=d.batch_size)
     p.add_argument("--batch_wait_ms", type=float, default=d.batch_wait_ms)
     p.add_argument("--max_queue", type=int, default=d.max_queue)
@@ -314,6 +347,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """cli.add_checkpoint_args, with --model repeatable: serve answers several models."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (its latest or best checkpoint)")
+    src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/N)")
+    src.add_argument(
+        "--model",
+        metavar="[NAME=]REF",
+        action="append",
+        help="a model to serve, repeatable: a run directory, a step directory, a release folder "
+        "(convert to-pytorch --format=hf) or hf-hub:ORG/NAME[@REVISION]; requests choose one "
+        "with model_name (default: the first). NAME defaults to --model_name for a single "
+        "model, else to the folder's (repository's) name",
+    )
+    parser.add_argument(
+        "--which",
+        default="latest",
+        choices=("latest", "best"),
+        help="checkpoint of a run directory to use (default: latest)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 < args.port < 65536:
@@ -326,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServeSettings(
         workdir=args.workdir,
         checkpoint=args.checkpoint,
+        model=tuple(args.model or ()),
         which=args.which,
         dtype=args.dtype,
         model_name=args.model_name,
@@ -342,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_up=not args.no_warm_up,
         exit_on_load_error=True,
     ).validated()
-    settings = dataclasses.replace(settings, checkpoint=resolve_checkpoint(settings), workdir=None)
+    settings = resolve_models(settings)
     options = {
         "bind": f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}",
         "workers": args.workers,
@@ -381,8 +437,9 @@ def run_gunicorn(settings: ServeSettings, options: dict[str, Any]) -> int:
             # Keeps the worker's heartbeat going while the model loads and compiles.
             return create_app(settings, heartbeat=workers["self"].notify)
 
+    served = ", ".join(f"{name}={ref}" for name, ref in settings.served())
     print(
-        f"serving {settings.checkpoint} on http://{options['bind']} "
+        f"serving {served} on http://{options['bind']} "
         f"({options['workers']} worker(s) x {options['threads']} threads)",
         file=sys.stderr,
         flush=True,
@@ -400,6 +457,7 @@ __all__ = [
     "json_error_response",
     "main",
     "resolve_checkpoint",
+    "resolve_models",
     "run_gunicorn",
     "serve_worker_class",
 ]

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from signclip_jax.errors import UserError
 
 ENV_PREFIX = "SIGNCLIP_"
+DEFAULT_NAME = "default"  # the name of a single unnamed model, as the original's
+MODEL_SEPARATOR = ";"  # between the entries of SIGNCLIP_MODEL
+# A model name (NAME=REF): no "/", ":" or "=", so that a path or hf-hub:ORG/NAME never reads as one.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,9 +24,13 @@ class ServeSettings:
 
     workdir: str | None = None
     checkpoint: str | None = None  # a step directory; wins over workdir
+    # Models to serve, each "REF" or "NAME=REF" (models.py: a run directory, a step directory,
+    # a release folder or hf-hub:ORG/NAME[@REV]); instead of workdir / checkpoint. A string is
+    # one entry; SIGNCLIP_MODEL separates entries with ";".
+    model: tuple[str, ...] | str | None = None
     which: str = "latest"  # checkpoint of workdir: latest or best
     dtype: str | None = None  # compute dtype override, e.g. bfloat16
-    model_name: str = "default"  # the `model_name` requests may give
+    model_name: str = DEFAULT_NAME  # the name of a single model given without NAME=
     batch_size: int = 32  # rows per model call and tower
     batch_wait_ms: float = 2.0  # how long the model thread waits for more requests to merge
     max_queue: int = 256  # requests waiting for the model before new ones get 503
@@ -55,11 +64,22 @@ class ServeSettings:
         return cls(**values).validated()
 
     def validated(self) -> ServeSettings:
-        if not self.workdir and not self.checkpoint:
+        entries = self.model
+        if isinstance(entries, str):
+            entries = [e for e in entries.split(MODEL_SEPARATOR) if e.strip()]
+        entries = tuple(e.strip() for e in entries or ())
+        if entries and (self.workdir or self.checkpoint):
+            raise UserError("give either --model=REF (repeatable) or --workdir / --checkpoint")
+        if not entries and not self.workdir and not self.checkpoint:
             raise UserError(
-                "no model: give --workdir=DIR or --checkpoint=STEP_DIR"
-                f" ({ENV_PREFIX}WORKDIR or {ENV_PREFIX}CHECKPOINT for create_app())"
+                "no model: give --workdir=DIR, --checkpoint=STEP_DIR or --model=REF"
+                f" ({ENV_PREFIX}WORKDIR, {ENV_PREFIX}CHECKPOINT or {ENV_PREFIX}MODEL for "
+                "create_app())"
             )
+        if not _NAME.match(self.model_name):
+            raise UserError(f"model_name {self.model_name!r}: use letters, digits, _ . + -")
+        self = dataclasses.replace(self, model=entries or None)
+        self.served()  # names: valid and distinct
         if self.which not in ("latest", "best"):
             raise UserError(f"which must be 'latest' or 'best', got {self.which!r}")
         for name in ("batch_size", "max_queue", "max_body_bytes", "max_items", "max_text_chars",
@@ -71,6 +91,48 @@ class ServeSettings:
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
             raise UserError("header_timeout_s and body_timeout_s must be > 0")
         return self
+
+    def served(self) -> list[tuple[str, str]]:
+        """[(name, REF)] of the models to serve, in order (the first is the default);
+        REF "" stands for workdir / checkpoint. A single model without NAME= is called
+        model_name ("default"); several take their folder's (or Hub repository's) name.
+        UserError for an empty entry, a bad name or two models of one name."""
+        entries = (self.model,) if isinstance(self.model, str) else (self.model or ())
+        if not entries:
+            return [(self.model_name, "")]
+        out: list[tuple[str, str]] = []
+        for entry in entries:
+            name, ref = split_model_entry(entry)
+            if name is None:
+                name = self.model_name if len(entries) == 1 else _name_of(ref)
+            out.append((name, ref))
+        names = [name for name, _ in out]
+        for name in names:
+            if names.count(name) > 1:
+                raise UserError(
+                    f"--model: two models are named {name!r}; name them with --model=NAME=REF"
+                )
+        return out
+
+
+def split_model_entry(entry: str) -> tuple[str | None, str]:
+    """ "NAME=REF" -> (NAME, REF); "REF" -> (None, REF). Text before the first "=" is a NAME
+    only when it is one (no "/", ":" ...), so a path holding "=" stays a REF."""
+    name, eq, ref = entry.strip().partition("=")
+    if eq and _NAME.match(name.strip()):
+        name, ref = name.strip(), ref.strip()
+    else:
+        name, ref = None, entry.strip()
+    if not ref:
+        raise UserError(f"--model {entry!r}: no model reference (REF or NAME=REF)")
+    return name, ref
+
+
+def _name_of(ref: str) -> str:
+    from signclip_jax import models  # no JAX at import: safe in gunicorn's master
+
+    name = models.name_of(ref)
+    return name if _NAME.match(name) else re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
 def _parse_env(key: str, raw: str, default: Any) -> Any:
@@ -89,4 +151,4 @@ def _parse_env(key: str, raw: str, default: Any) -> Any:
     return raw or default  # empty: the default (None for paths)
 
 
-__all__ = ["ENV_PREFIX", "ServeSettings"]
+__all__ = ["DEFAULT_NAME", "ENV_PREFIX", "ServeSettings", "split_model_entry"]

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -86,12 +87,15 @@ def string_items(body: dict[str, Any], field: str, limit: int) -> list[str] | No
     return value
 
 
-def check_model_name(body: dict[str, Any], served: str) -> None:
-    name = body.get("model_name", served)
+def check_model_name(body: dict[str, Any], served: Sequence[str]) -> str:
+    """The request's `model_name` (default: the first served), or 400 naming the served ones."""
+    name = body.get("model_name", served[0])
     if not isinstance(name, str):
         raise ApiError(400, f"'model_name' must be a string, got {_json_type(name)}")
-    if name != served:
-        raise ApiError(400, f"unknown model_name {name!r}: this server serves {served!r}")
+    if name not in served:
+        names = ", ".join(map(repr, served))
+        raise ApiError(400, f"unknown model_name {name!r}: this server serves {names}")
+    return name
 
 
 def check_texts(texts: list[str], max_chars: int) -> list[str]:

@@ -176,11 +176,15 @@ def api(server, expected) -> Server:
 # ---------------------------------------------------------------------------------- happy paths
 def test_health_and_ready(api):
     status, _, data = api.request("GET", "/health")
-    assert (status, data) == (200, {"status": "ok"})
+    assert status == 200 and data["status"] == "ok" and len(data["models"]) == 1
+    model = data["models"][0]
+    assert (model["name"], model["hidden_size"], model["max_frames"]) == ("default", 32, 96)
+    assert model["checkpoint"].endswith("checkpoints/4")
     status, _, data = api.request("GET", "/ready")
     assert status == 200 and data["status"] == "ready"
     assert data["hidden_size"] == 32 and data["step"] == 4 and data["max_frames"] == 96
     assert data["checkpoint"].endswith("checkpoints/4")
+    assert [m["model_name"] for m in data["models"]] == ["default"]
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
@@ -637,7 +641,8 @@ def test_full_queue_is_a_503_with_retry_after():
             raise QueueFull("too many requests waiting")
 
     host = app_lib.ModelHost(ServeSettings(workdir="/w"))
-    host.status, host.batcher = "ready", FullBatcher()
+    host.status = "ready"
+    host.models["default"] = app_lib.ServedModel("default", None, FullBatcher(), {})
     with pytest.raises(app_lib.ApiError) as e:
         host.embed([], ["a"])
     assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
