@@ -44,24 +44,36 @@ class Parser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message} (see --help)")
 
 
-def add_checkpoint_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+def add_checkpoint_args(
+    parser: argparse.ArgumentParser, *, required: bool = True, repeat_model: bool = False
+) -> None:
     """--workdir | --checkpoint | --model (one of them, required unless `required=False`) and
     --which: how every command that loads a model names it.
     `signclip_jax.models.checkpoint_args(args)` turns them into the (workdir, checkpoint) pair
-    `run.load_run` takes."""
+    `run.load_run` takes. `repeat_model`: --model may repeat as [NAME=]REF (serve answers
+    several models; args.model is then a list)."""
     src = parser.add_mutually_exclusive_group(required=required)
     src.add_argument("--workdir", help="training workdir (its latest or best checkpoint)")
     src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/N)")
-    src.add_argument(
-        "--model",
-        metavar="REF",
-        help="a run directory, a release folder (convert to-pytorch --format=hf) or "
+    refs = (
+        "a run directory, a step directory, a release folder (convert to-pytorch --format=hf) or "
         "hf-hub:ORG/NAME[@REVISION] (through the Hugging Face cache; HF_HUB_OFFLINE=1 reads "
-        "only the cache)",
+        "only the cache)"
     )
+    if repeat_model:
+        src.add_argument(
+            "--model",
+            metavar="[NAME=]REF",
+            action="append",
+            help=f"a model to serve, repeatable: {refs}; requests choose one with model_name "
+            "(default: the first). NAME defaults to --model_name for a single model, else to "
+            "the folder's (repository's) name",
+        )
+    else:
+        src.add_argument("--model", metavar="REF", help=refs)
     parser.add_argument(
         "--which",
         default="latest",
         choices=("latest", "best"),
-        help="checkpoint of --workdir to use (default: latest)",
+        help="checkpoint of --workdir (a run directory) to use (default: latest)",
     )

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_model_args(p)
+    cli.add_checkpoint_args(p, repeat_model=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument(
         "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)"
@@ -345,28 +345,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access_log", action="store_true", help="log every request to stderr")
     p.add_argument("--log_level", default="info")
     return p
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    """cli.add_checkpoint_args, with --model repeatable: serve answers several models."""
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="training workdir (its latest or best checkpoint)")
-    src.add_argument("--checkpoint", help="one checkpoint step directory (WORKDIR/checkpoints/N)")
-    src.add_argument(
-        "--model",
-        metavar="[NAME=]REF",
-        action="append",
-        help="a model to serve, repeatable: a run directory, a step directory, a release folder "
-        "(convert to-pytorch --format=hf) or hf-hub:ORG/NAME[@REVISION]; requests choose one "
-        "with model_name (default: the first). NAME defaults to --model_name for a single "
-        "model, else to the folder's (repository's) name",
-    )
-    parser.add_argument(
-        "--which",
-        default="latest",
-        choices=("latest", "best"),
-        help="checkpoint of a run directory to use (default: latest)",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
