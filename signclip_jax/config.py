@@ -208,6 +208,10 @@ def base_config() -> ml_collections.ConfigDict:
     # recipe took ~100 s to compile on an H100 (BENCHMARKS.md), and every padded length
     # (data.length_buckets) is its own program: a restart or a second run reads them back.
     c.compilation_cache_dir = "~/.cache/signclip_jax/jax_cache"
+    # JAX profiler trace of training steps START:STOP (Python range: "100:103" traces steps 100,
+    # 101 and 102; "100" just step 100) into WORKDIR/profile/, for TensorBoard's profile tab
+    # (tensorboard --logdir=WORKDIR). Every process traces its own host. "" = off.
+    c.profile_steps = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.text_model = "bert-base-cased"  # HF folder or hub name (tokenizer and weights)
@@ -256,6 +260,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment.noise_std = 0.001
     c.data.augment.flip_prob = 0.0
     c.data.augment.frame_dropout_rate = 0.0
+    # Augment inside the jitted train step (data/augment_device.py): the host only reads, pads
+    # and draws each clip's resampled frame count (same distributions as data/augment.py, exact
+    # resume, other random draws than it). False: augment on the host, in the grain workers.
+    c.data.augment_on_device = True
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "signclip"  # signclip | clip | siglip

@@ -16,6 +16,58 @@ import numpy as np
 from signclip_jax.data.pose import PoseArray, PoseSpec, layout, normalize_points
 
 
+def resampled_frames(frames, fps, ratio, max_frames: int):
+    """Frame count `temporal_resample` gives a clip of `frames` frames at `fps` for `ratio`,
+    or 0 where it leaves the clip unchanged. Scalars or arrays (broadcast), numpy only.
+
+    Applies when T > 1, ratio > 0, T * ratio < max_frames (0 = no limit), fps > 0, and the
+    new clip has >= 2 frames: new_fps = round(fps * ratio), T' = round(T * new_fps / fps)
+    (float64, round half to even, as Python's round).
+    """
+    t = np.asarray(frames, np.float64)
+    fps = np.asarray(fps, np.float64)
+    ratio = np.asarray(ratio, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        ok = np.isfinite(ratio) & (ratio > 0) & (t > 1) & np.isfinite(fps) & (fps > 0)
+        if max_frames > 0:
+            ok &= t * ratio < max_frames
+        new_fps = np.where(ok, np.rint(fps * ratio), 0.0)
+        new_t = np.where(ok & (new_fps > 0), np.rint(t * new_fps / np.where(ok, fps, 1.0)), 0.0)
+    new_t = np.where(new_t >= 2, new_t, 0.0)
+    out = new_t.astype(np.int64)
+    return out if out.ndim else int(out)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective 64-bit hash (uint64 arrays, wrapping arithmetic)."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def example_normal(seed: int, epoch, index, stream: int = 0) -> np.ndarray:
+    """N(0, 1) draws that are a function of (seed, epoch, index, stream) alone, vectorised.
+
+    A counter-based generator (splitmix64 hashes of the key, then Box-Muller on two 53-bit
+    uniforms): a batch of examples costs a few numpy operations, not a Generator each.
+    epoch, index: int arrays (broadcast). Returns float64 of their broadcast shape.
+    """
+    epoch = np.atleast_1d(np.asarray(epoch)).astype(np.uint64)
+    index = np.atleast_1d(np.asarray(index)).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = _mix64(np.full(1, int(seed) % 2**64, np.uint64))
+        h = _mix64(h ^ np.uint64(int(stream) % 2**64))
+        h = _mix64(_mix64(h ^ epoch) ^ index)
+        a, b = _mix64(h ^ np.uint64(1)), _mix64(h ^ np.uint64(2))
+    u1 = (a >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
+    u2 = (b >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+
+
 def temporal_resample(arr: PoseArray, ratio: float, max_frames: int) -> PoseArray:
     """Resamples to `round(fps * ratio)` fps like pose-format `interpolate(kind='linear')`.
 
@@ -29,16 +81,10 @@ def temporal_resample(arr: PoseArray, ratio: float, max_frames: int) -> PoseArra
     [T, P, 3] -> [T', P, 3].
     """
     t = arr.num_frames
-    if not np.isfinite(ratio) or ratio <= 0:
-        return arr
-    if t <= 1 or not (max_frames <= 0 or t * ratio < max_frames):
-        return arr
-    if not np.isfinite(arr.fps) or arr.fps <= 0:
+    new_t = int(resampled_frames(t, arr.fps, ratio, max_frames))
+    if new_t == 0:
         return arr
     new_fps = round(arr.fps * ratio)
-    new_t = round(t * new_fps / arr.fps)
-    if new_fps <= 0 or new_t < 2:
-        return arr
 
     steps = np.linspace(0, 1, t)
     new_steps = np.linspace(0, 1, new_t)

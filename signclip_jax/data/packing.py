@@ -68,7 +68,9 @@ class _PackOne:
 
 class ShardWriter:
     """Writes data-NNNNN.array_record shards of `shard_size` records, each atomically: a shard
-    is written as NAME.tmp and renamed to NAME once complete."""
+    is written as NAME.tmp and renamed to NAME once complete. Records are stored uncompressed:
+    decompressing a ~120 KB record cost ~175 us of CPU against ~45 us (`bench input`), the
+    difference between feeding 5,000 clips/s per core or not; shards grow ~1.3x."""
 
     def __init__(self, out: Path, shard_size: int):
         self.out, self.shard_size = out, shard_size
@@ -81,7 +83,7 @@ class ShardWriter:
         if self._writer is None:
             name = f"data-{len(self.shards):05d}.array_record"
             self._tmp = self.out / (name + ".tmp")
-            self._writer = ArrayRecordWriter(str(self._tmp), "group_size:1")
+            self._writer = ArrayRecordWriter(str(self._tmp), "group_size:1,uncompressed")
             self._count = 0
         self._writer.write(data)
         self._count += 1

@@ -285,6 +285,22 @@ def key_mask(lengths: jax.Array, seq: int) -> jax.Array:
     return jnp.arange(seq, dtype=jnp.int32)[None] < jnp.asarray(lengths)[:, None]
 
 
+def segment_mask(segments: jax.Array) -> jax.Array:
+    """Packed rows' segment ids [B, S] int -> block-diagonal mask [B, 1, S, S] bool: a token
+    attends to the tokens of its own segment only (padding, segment 0, to padding: no query
+    is left without keys)."""
+    seg = jnp.asarray(segments)
+    return (seg[:, :, None] == seg[:, None, :])[:, None]
+
+
+def _segment_kernel(implementation: str | None) -> str | None:
+    """The kernel of packed (segment) attention: Pallas splash attention on TPU, else
+    `implementation` (XLA or cuDNN) with the block-diagonal mask. jax.nn.dot_product_attention
+    (jax 0.10) takes no segment ids, so cuDNN gets them as that mask. A function so that
+    tests can select splash (interpret mode) on CPU."""
+    return "splash" if jax.default_backend() == "tpu" else implementation
+
+
 def _attention(
     q: jax.Array,
     k: jax.Array,
@@ -293,6 +309,7 @@ def _attention(
     lengths: jax.Array | None,
     mask: jax.Array | None,
     implementation: str | None,
+    segments: jax.Array | None = None,
 ) -> jax.Array:
     """Fused softmax attention without dropout. q, k, v [B, S, N, Hd] -> [B, S, N, Hd].
 
@@ -304,9 +321,20 @@ def _attention(
       - `mask` [B, S] bool: any key-padding mask (HF semantics, for callers whose padding is
         not a prefix). cuDNN takes masks only as a [B, 1, S, S] bias (its bias check rejects
         a broadcast query axis), so that form is built here, per layer.
+      - `segments` [B, S] int: packed rows (data/clip_packing.py), attention block-diagonal
+        by segment id: splash attention with segment ids on TPU, else a [B, 1, S, S] mask.
     cuDNN needs an even S: `BertModel` pads odd sequences once at its input.
     """
     b, s = q.shape[:2]
+    if segments is not None:
+        kernel = _segment_kernel(implementation)
+        if kernel == "splash":
+            from signclip_jax.model import splash  # Pallas: only where it runs
+
+            return splash.segment_attention(q, k, v, segments)
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=segment_mask(segments), implementation=kernel
+        )
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
         if implementation == "cudnn":
@@ -333,7 +361,8 @@ def _attention_with_dropout(
 ) -> jax.Array:
     """Softmax attention (fp32 logits) with dropout on the probabilities, as HF BERT trains.
 
-    q, k, v [B, S, N, Hd], mask [B, S] bool (keys), key: the dropout key -> [B, S, N, Hd].
+    q, k, v [B, S, N, Hd], mask [B, S] bool (keys) or [B, 1, S, S] (query-key pairs: packed
+    rows), key: the dropout key -> [B, S, N, Hd].
     Under jax.checkpoint the backward pass recomputes the [B, N, S, S] logits, probabilities
     and dropout mask from q, k, v and the key instead of keeping them: about 2.5 GB per layer
     at batch 256 and 258 tokens, which made batch 256 run out of an 80 GB GPU, for ~1.5 % more
@@ -341,7 +370,9 @@ def _attention_with_dropout(
     """
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
     logits = logits / np.sqrt(q.shape[-1])
-    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    if mask.ndim == 2:
+        mask = mask[:, None, None, :]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     keep_prob = 1.0 - rate
     keep = jax.random.bernoulli(key, p=keep_prob, shape=probs.shape)
@@ -372,21 +403,32 @@ class BertSelfAttention(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, lengths: jax.Array | None, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        lengths: jax.Array | None,
+        mask: jax.Array | None = None,
+        segments: jax.Array | None = None,
     ) -> jax.Array:
-        """x [B, S, H]; lengths [B] int (valid prefix) or mask [B, S] bool (keys), one of
-        them -> context [B, S, H]."""
+        """x [B, S, H]; lengths [B] int (valid prefix), mask [B, S] bool (keys) or segments
+        [B, S] int (packed rows), one of them -> context [B, S, H]."""
         b, s, _ = x.shape
         split = lambda t: t.reshape(b, s, self.num_heads, self.head_dim)
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         if self.dropout.deterministic or self.dropout.rate == 0.0:
             # Fused kernels where available.
-            ctx = _attention(q, k, v, lengths=lengths, mask=mask, implementation=self.attention)
+            ctx = _attention(
+                q, k, v, lengths=lengths, mask=mask, segments=segments,
+                implementation=self.attention,
+            )  # fmt: skip
         else:
             # Attention-probability dropout (as BERT training) is not offered by the fused
             # API, so the explicit form runs while training with it. It takes the [B, S] key
-            # mask (from the lengths: no [B, 1, S, S] array either).
-            keys = key_mask(lengths, s) if lengths is not None else mask
+            # mask (from the lengths: no [B, 1, S, S] array either), or for packed rows the
+            # block-diagonal [B, 1, S, S] one.
+            if segments is not None:
+                keys = segment_mask(segments)
+            else:
+                keys = key_mask(lengths, s) if lengths is not None else mask
             key = self.dropout.rngs()
             ctx = _attention_with_dropout(q, k, v, keys, key, self.dropout.rate)
         return ctx.reshape(b, s, self.num_heads * self.head_dim)
@@ -444,9 +486,13 @@ class BertAttention(nnx.Module):
         self.output = BertResidualOutput(config, config.hidden_size, ("heads", "embed"), **kw)
 
     def __call__(
-        self, x: jax.Array, lengths: jax.Array | None, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        lengths: jax.Array | None,
+        mask: jax.Array | None = None,
+        segments: jax.Array | None = None,
     ) -> jax.Array:
-        return self.output(self.self(x, lengths, mask), x)
+        return self.output(self.self(x, lengths, mask, segments), x)
 
 
 class BertIntermediate(nnx.Module):
@@ -486,17 +532,26 @@ class BertLayer(nnx.Module):
         self.output = BertResidualOutput(config, config.intermediate_size, ("mlp", "embed"), **kw)
 
     def __call__(
-        self, x: jax.Array, lengths: jax.Array | None, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        lengths: jax.Array | None,
+        mask: jax.Array | None = None,
+        segments: jax.Array | None = None,
     ) -> jax.Array:
-        """x [B, S, H]; lengths [B] int (valid prefix) or mask [B, S] bool -> [B, S, H]."""
-        a = self.attention(x, lengths, mask)
+        """x [B, S, H]; lengths [B] int (valid prefix), mask [B, S] bool or segments [B, S]
+        int (packed rows) -> [B, S, H]."""
+        a = self.attention(x, lengths, mask, segments)
         return self.output(self.intermediate(a), a)
 
 
 def _apply_layer(
-    layer: BertLayer, x: jax.Array, lengths: jax.Array | None, mask: jax.Array | None
+    layer: BertLayer,
+    x: jax.Array,
+    lengths: jax.Array | None,
+    mask: jax.Array | None,
+    segments: jax.Array | None,
 ) -> jax.Array:
-    return layer(x, lengths, mask)
+    return layer(x, lengths, mask, segments)
 
 
 class BertEncoder(nnx.Module):
@@ -521,13 +576,18 @@ class BertEncoder(nnx.Module):
         self.remat = remat
 
     def __call__(
-        self, x: jax.Array, lengths: jax.Array | None, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        lengths: jax.Array | None,
+        mask: jax.Array | None = None,
+        segments: jax.Array | None = None,
     ) -> jax.Array:
-        """x [B, S, H]; lengths [B] int (valid prefix) or mask [B, S] bool -> [B, S, H]."""
+        """x [B, S, H]; lengths [B] int (valid prefix), mask [B, S] bool or segments [B, S]
+        int (packed rows) -> [B, S, H]."""
         # Per-layer rematerialisation: only layer inputs are kept for the backward pass.
         apply = nnx.remat(_apply_layer) if self.remat else _apply_layer
         for layer in self.layer:
-            x = apply(layer, x, lengths, mask)
+            x = apply(layer, x, lengths, mask, segments)
         return x
 
 
@@ -580,20 +640,26 @@ class BertModel(nnx.Module):
         attention_mask: jax.Array | None = None,
         *,
         lengths: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         inputs_embeds: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """ids [B, S] (or inputs_embeds [B, S, H]) and one of `lengths` / `attention_mask`
-        -> last hidden [B, S, H].
+        """ids [B, S] (or inputs_embeds [B, S, H]) and one of `lengths` / `attention_mask` /
+        `segment_ids` -> last hidden [B, S, H].
 
         `lengths` [B] int: row b's valid tokens are positions 0..lengths[b]-1 (the fast path:
         attention takes sequence lengths; hidden states at padded positions are not defined
         beyond being finite). `attention_mask` [B, S]: any key-padding mask (HF semantics:
-        1/True = attend), for padding that is not a prefix.
+        1/True = attend), for padding that is not a prefix. `segment_ids` [B, S] int: packed
+        rows, several sequences per row (0 = padding): each token attends to its own
+        segment only; position_ids then restart per segment (the caller's).
         """
-        if (lengths is None) == (attention_mask is None):
-            raise ValueError("BertModel needs exactly one of attention_mask and lengths")
+        given = sum(x is not None for x in (lengths, attention_mask, segment_ids))
+        if given != 1:
+            raise ValueError(
+                "BertModel needs exactly one of attention_mask, lengths and segment_ids"
+            )
         x = self.embeddings(
             input_ids,
             inputs_embeds=inputs_embeds,
@@ -605,11 +671,13 @@ class BertModel(nnx.Module):
         if self.attention == "cudnn" and seq % 2:
             # cuDNN's kernels want an even length (the text tower has 63 tokens): one padded
             # slot, once here rather than in every layer. It lies outside every row's valid
-            # prefix (or is masked), so no valid output changes.
+            # prefix (or is masked, or is padding segment 0), so no valid output changes.
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
             mask = None if mask is None else jnp.pad(mask, ((0, 0), (0, 1)))
-            return self.encoder(x, lengths, mask)[:, :seq]
-        return self.encoder(x, lengths, mask)
+            if segment_ids is not None:
+                segment_ids = jnp.pad(segment_ids, ((0, 0), (0, 1)))
+            return self.encoder(x, lengths, mask, segment_ids)[:, :seq]
+        return self.encoder(x, lengths, mask, segment_ids)
 
     def pool(self, hidden: jax.Array) -> jax.Array:
         """HF pooler output [B, H] from the last hidden state [B, S, H]."""

@@ -53,4 +53,38 @@ def train_flops_per_sample(model_config: SignCLIPConfig, frames: int, text_len: 
     return 3 * sum(forward_flops_per_sample(model_config, frames, text_len).values())
 
 
-__all__ = ["forward_flops_per_sample", "train_flops_per_sample"]
+def packed_forward_flops(
+    model_config: SignCLIPConfig, rows: int, row_len: int, clips: int, text_len: int
+) -> dict[str, int]:
+    """Matmul FLOPs of one packed batch's forward pass (data/clip_packing.py), by part: the
+    video tower over `rows` rows of `row_len` tokens (every slot is computed: [CLS], [SEP]
+    and padding go through the frame MLP too), the text tower over `clips` captions of
+    `text_len` tokens. Same conventions as `forward_flops_per_sample`; attention is counted
+    over the whole row (the kernels compute the block-diagonal mask's zeros too)."""
+    bert = model_config.bert
+    h, inter = bert.hidden_size, bert.intermediate_size
+    per_token_layer = 2 * (4 * h * h + 2 * h * inter)
+    video_layers, text_layers = model_config.video_layers, bert.num_hidden_layers
+    return {
+        "frame_mlp": rows * 2 * row_len * (model_config.pose_dim * h + h * h),
+        "video_dense": rows * video_layers * row_len * per_token_layer,
+        "video_attention": rows * video_layers * 4 * row_len * row_len * h,
+        "text_dense": clips * text_layers * text_len * per_token_layer,
+        "text_attention": clips * text_layers * 4 * text_len * text_len * h,
+        "projection": clips * 2 * 2 * h * h if model_config.projection != "none" else 0,
+    }
+
+
+def packed_train_flops(
+    model_config: SignCLIPConfig, rows: int, row_len: int, clips: int, text_len: int
+) -> int:
+    """Model FLOPs of one packed training step: 3 x `packed_forward_flops`."""
+    return 3 * sum(packed_forward_flops(model_config, rows, row_len, clips, text_len).values())
+
+
+__all__ = [
+    "forward_flops_per_sample",
+    "packed_forward_flops",
+    "packed_train_flops",
+    "train_flops_per_sample",
+]

@@ -9,6 +9,11 @@ tower sits right after the last frame, with the position id the original gives i
 padding is described by one length per row: attention takes sequence lengths and pooling
 follows from them. The result equals the original layout's ([SEP] after the padding).
 
+Packed layout (training, data/clip_packing.py): several clips share a row of the video
+tower, each with its own [CLS], frames and [SEP] and the position ids above; attention is
+block-diagonal by segment id and pooling is per segment (`embed_pose_packed`), giving the
+same [B, H] as `embed_pose`. Evaluation, serving and export keep the unpacked path.
+
 Parameter paths mirror the original state_dict keys (section 8.2), e.g.
 `video_encoder.videomlp.linear1.weight`, `video_encoder.bert.encoder.layer.0...`,
 `text_encoder.embeddings.word_embeddings.weight`, `video_projection.linear.weight`, so
@@ -301,6 +306,36 @@ def masked_mean(hidden: jax.Array, weights: jax.Array) -> jax.Array:
     return num / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
 
 
+def segment_mean(
+    hidden: jax.Array,
+    segments: jax.Array,
+    weights: jax.Array,
+    clip_row: jax.Array,
+    clip_segment: jax.Array,
+) -> jax.Array:
+    """Per-clip weighted mean of packed rows, in fp32: hidden [R, T, H], segments [R, T] int
+    (0 = padding), weights [R, T] (0/1), clip_row / clip_segment [C] int -> [C, H] in clip
+    order (clip c is segment clip_segment[c] of row clip_row[c]).
+
+    Each token is mapped to its clip through a table indexed by (row, segment id), whose
+    size is static (segment ids are < T + 1), then summed per clip (segment_sum). The
+    denominator is floored at 1, as in `masked_mean`.
+    """
+    r, t = segments.shape
+    c = clip_row.shape[0]
+    slots = t + 1  # segment ids are 0..T
+    table = jnp.full((r * slots,), c, jnp.int32)
+    table = table.at[clip_row * slots + clip_segment].set(jnp.arange(c, dtype=jnp.int32))
+    token_clip = table[jnp.arange(r, dtype=jnp.int32)[:, None] * slots + segments]  # [R, T]
+    w = weights.astype(jnp.float32)
+    token_clip = jnp.where(w > 0, token_clip, c).reshape(-1)  # c: a discarded bin
+    num = jax.ops.segment_sum(
+        (hidden.astype(jnp.float32) * w[..., None]).reshape(r * t, -1), token_clip, c + 1
+    )[:c]
+    den = jax.ops.segment_sum(w.reshape(-1), token_clip, c + 1)[:c]
+    return num / jnp.maximum(den, 1.0)[:, None]
+
+
 def prefix_lengths(mask: jax.Array) -> jax.Array:
     """Valid-prefix mask [B, L] -> lengths [B] int32 (the number of True entries per row)."""
     return jnp.asarray(mask).astype(bool).sum(-1, dtype=jnp.int32)
@@ -378,6 +413,44 @@ class SignCLIP(nnx.Module):
         weights = (index >= 1) & (index <= frames_n[:, None] + 1)  # frames and [SEP]
         return self._project(masked_mean(hidden, weights), self.video_projection)
 
+    def embed_pose_packed(
+        self,
+        pose: jax.Array,
+        segments: jax.Array,
+        positions: jax.Array,
+        clip_row: jax.Array,
+        clip_segment: jax.Array,
+    ) -> jax.Array:
+        """Packed rows (data/clip_packing.py) -> the clips' embeddings [C, H] float32, in clip
+        order; equal to `embed_pose` of the same clips unpacked.
+
+        pose [R, T, D] (frames at their slots), segments [R, T] int (0 = padding, k = the
+        row's k-th clip), positions [R, T] int ([CLS] 0, frames 1..n, [SEP] max_frames + 1,
+        as `embed_pose` gives them), clip_row / clip_segment [C] int: where clip c sits.
+        [CLS] and [SEP] are told apart by their position ids. Attention is block-diagonal by
+        segment; pooling is the mean over each clip's frames and [SEP] (`segment_mean`).
+        """
+        c = self.config
+        segments = jnp.asarray(segments, jnp.int32)
+        positions = jnp.asarray(positions, jnp.int32)
+        real = segments > 0
+        is_cls = real & (positions == 0)
+        is_sep = real & (positions == c.max_frames + 1)
+        is_frame = real & ~is_cls & ~is_sep
+        # Zero everything but frames, so that non-finite values cannot leak (as embed_pose).
+        pose = jnp.where(is_frame[..., None], pose, 0)
+        frames = self.video_encoder.videomlp(pose).astype(jnp.float32)
+        bert = self.video_encoder.bert
+        special = bert.embeddings.word_embeddings(jnp.array([c.cls_token_id, c.sep_token_id]))
+        embeds = jnp.where(is_cls[..., None], special[0], frames)
+        embeds = jnp.where(is_sep[..., None], special[1], embeds)
+        hidden = bert(None, segment_ids=segments, inputs_embeds=embeds, position_ids=positions)
+        pooled = segment_mean(
+            hidden, segments, is_frame | is_sep, jnp.asarray(clip_row, jnp.int32),
+            jnp.asarray(clip_segment, jnp.int32),
+        )  # fmt: skip
+        return self._project(pooled, self.video_projection)
+
     def embed_text(self, text_ids: jax.Array, text_mask: jax.Array) -> jax.Array:
         """text_ids [B, S] int ([CLS] tokens [SEP] [PAD]...), text_mask [B, S] bool
         -> [B, H] float32.
@@ -392,11 +465,19 @@ class SignCLIP(nnx.Module):
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """batch {"pose" [B,L,D], "pose_mask" [B,L], "text_ids" [B,S], "text_mask" [B,S]}
-        -> (pose embeddings [B, H], text embeddings [B, H])."""
-        return (
-            self.embed_pose(batch["pose"], batch["pose_mask"]),
-            self.embed_text(batch["text_ids"], batch["text_mask"]),
-        )
+        -> (pose embeddings [B, H], text embeddings [B, H]).
+
+        A packed batch (data/clip_packing.py: "packed_pose" [R,T,D], "packed_segments",
+        "packed_positions" [R,T], "clip_row", "clip_segment" [B], captions as above) gives
+        the same two [B, H] arrays."""
+        if "packed_pose" in batch:
+            pose = self.embed_pose_packed(
+                batch["packed_pose"], batch["packed_segments"], batch["packed_positions"],
+                batch["clip_row"], batch["clip_segment"],
+            )  # fmt: skip
+        else:
+            pose = self.embed_pose(batch["pose"], batch["pose_mask"])
+        return pose, self.embed_text(batch["text_ids"], batch["text_mask"])
 
 
 # ------------------------------------------------------------------------------- construction
@@ -513,5 +594,6 @@ __all__ = [
     "masked_mean",
     "model_config",
     "prefix_lengths",
+    "segment_mean",
     "to_state_dict",
 ]

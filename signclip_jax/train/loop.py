@@ -21,6 +21,8 @@ import copy
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,7 +36,7 @@ from jax.experimental import multihost_utils
 from signclip_jax import checkpoint as ckpt_lib
 from signclip_jax import files
 from signclip_jax import run as run_lib
-from signclip_jax.data import pipeline, sources, text
+from signclip_jax.data import augment_device, pipeline, sources, text
 from signclip_jax.errors import UserError
 from signclip_jax.evaluation import evaluators, retrieval
 from signclip_jax.model import signclip as signclip_model
@@ -70,6 +72,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
     #### Set up: random keys that shard, the compilation cache, the workdir, resolved config.
     jax.config.update("jax_threefry_partitionable", True)
     enable_compilation_cache(config.get("compilation_cache_dir"))
+    profiler = _StepProfiler(config.get("profile_steps", ""), str(workdir))  # bad value: fail now
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     log.setLevel(logging.INFO)
     workdir = str(workdir)
@@ -127,7 +130,10 @@ def _train(config, workdir: str) -> dict[str, Any]:
 
     #### Shard and step: parameters and optimiser state by the rules in sharding.py, one
     # jitted update and the eval-mode forwards (train/step.py).
-    fns = train_step_lib.make_train_step(config, model, mesh, batch_axes, total_steps)
+    # data.augment_on_device: the step augments the batch (data/augment_device.py).
+    fns = train_step_lib.make_train_step(
+        config, model, mesh, batch_axes, total_steps, augment=augment_device.from_config(config)
+    )
     state, param_sharding, train_step = fns.state, fns.param_sharding, fns.step
 
     #### Restore: resume from the workdir, else init_from, else the pretrained BERT.
@@ -178,8 +184,10 @@ def _train(config, workdir: str) -> dict[str, Any]:
         while step < total_steps:
             signal_name = guard.requested  # polled once per step
             batch = inputs.batch(step + 1, stop_requested=signal_name is not None)
+            profiler.before_step(step + 1)
             state, metrics = train_step(state, batch)
             step += 1
+            profiler.after_step(step, state)
             # With several processes: what all of them agreed on, a step later (`_Inputs`).
             stop = inputs.after_step(step, metrics, stop_requested=signal_name is not None)
             fed = inputs.consumed  # the iterator as of this step's batch (it runs ahead)
@@ -228,6 +236,7 @@ def _train(config, workdir: str) -> dict[str, Any]:
                 )
             if stop:
                 break
+    profiler.finish(state)  # a run that stopped inside the traced steps
     ckpt.close()
     writer.close()
     if last:
@@ -338,7 +347,8 @@ class _Inputs:
         if step not in self._host:
             batch = next(self.iterator)
             self._host[step] = _Fetched(
-                {k: batch[k] for k in train_step_lib.MODEL_INPUTS},
+                {k: batch[k] for k in (*train_step_lib.MODEL_INPUTS,
+                                         *pipeline.device_batch_keys()) if k in batch},
                 copy.deepcopy(self.iterator.get_state()),
                 pipeline.bad_example_stats(self.iterator),
             )
@@ -383,6 +393,89 @@ def _scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(v, (int, float, np.number)):
             out[f"{prefix}{k}"] = v
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# config.profile_steps: a JAX profiler trace of some training steps.
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+    """`START:STOP` -> (START, STOP), the steps START..STOP-1; `N` -> (N, N+1); "" -> None."""
+    spec = str(spec or "").strip()
+    if not spec:
+        return None
+    start, sep, stop = spec.partition(":")
+    try:
+        first = int(start)
+        end = int(stop) if sep else first + 1
+    except ValueError:
+        first = end = 0
+    if not 1 <= first < end:
+        raise UserError(
+            f"profile_steps={spec!r}: expected START:STOP with 1 <= START < STOP, e.g. '100:103' "
+            "(steps 100, 101 and 102), or one step number"
+        )
+    return first, end
+
+
+class _StepProfiler:
+    """Traces training steps START..STOP-1 (config.profile_steps) with the JAX profiler into
+    WORKDIR/profile/ (plugins/profile/RUN/HOST.xplane.pb and .trace.json.gz: TensorBoard's
+    profile tab, `tensorboard --logdir=WORKDIR`). Each step is a StepTraceAnnotation "train"
+    with its step number. The trace goes to a local folder first and is copied into the
+    workdir when it stops (after the last traced step has run on the device), so a gs://
+    workdir needs nothing of the profiler. A resumed run traces what is left of the range."""
+
+    def __init__(self, spec: str, workdir: str):
+        self.steps = parse_profile_steps(spec)
+        self.workdir = workdir
+        self._local: str | None = None  # the trace being written
+        self._annotation = None
+
+    def before_step(self, step: int) -> None:
+        """Call right before dispatching `step`."""
+        if self.steps is None:
+            return
+        first, end = self.steps
+        if self._local is None and first <= step < end:
+            self._local = tempfile.mkdtemp(prefix="signclip-profile-")
+            # Without Python function calls: on by default, they would fill the trace (a
+            # million events per step of this loop) and slow the steps being measured.
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = 0
+            jax.profiler.start_trace(self._local, profiler_options=options)
+            log.info("profiling steps %d-%d", step, end - 1)
+        if self._local is not None:
+            self._annotation = jax.profiler.StepTraceAnnotation("train", step_num=step)
+            self._annotation.__enter__()
+
+    def after_step(self, step: int, state: Any) -> None:
+        """Call right after dispatching `step`; stops after the range's last step."""
+        if self._annotation is not None:
+            self._annotation.__exit__(None, None, None)
+            self._annotation = None
+        if self._local is not None and step >= self.steps[1] - 1:
+            self.finish(state)
+
+    def finish(self, state: Any = None) -> None:
+        """Waits for the traced steps to run, stops the trace, copies it into the workdir."""
+        if self._local is None:
+            return
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        local, self._local, self.steps = self._local, None, None  # once per run
+        target = files.as_path(self.workdir) / "profile"
+        try:
+            for root, _, names in os.walk(local):
+                for name in names:
+                    rel = os.path.relpath(os.path.join(root, name), local)
+                    dest = target / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with open(os.path.join(root, name), "rb") as f:
+                        files.write_bytes_atomic(dest, f.read())
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        log.info("profile written to %s (tensorboard --logdir=%s)", target, self.workdir)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 
 from signclip_jax import files
 
@@ -72,6 +73,10 @@ def enable_compilation_cache(path: str | None) -> str | None:
     if not path:
         return None
     path = path if files.is_remote(path) else os.path.expanduser(path)
+    if jax.config.jax_compilation_cache_dir not in (None, path):
+        # JAX opens its cache once per process: a second directory (bench after a training
+        # run in one process, tests) would otherwise still write into the first.
+        compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", path)  # also after earlier compiles (tested)
     return path
 

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from signclip_jax.data import pipeline
+from signclip_jax.data import clip_packing, pipeline
 from signclip_jax.train import grad_cache, losses, optim, sharding
 
 MODEL_INPUTS = ("pose", "pose_mask", "text_ids", "text_mask")
@@ -37,8 +37,15 @@ def model_inputs(batch: dict[str, np.ndarray], length: int | None = None) -> dic
     `length`: a length all processes agreed on (>= this batch's own), as the train loop
     passes. None: with several processes, all-gather the longest, a blocking host collective
     (evaluation only: the train loop agrees without one). Padding never changes numerics.
+    A packed batch (data/clip_packing.py) keeps its own shapes: one process only.
     """
-    batch = {k: batch[k] for k in MODEL_INPUTS}
+    if clip_packing.is_packed(batch):
+        if jax.process_count() > 1 or length is not None:
+            raise ValueError("packed batches are not yet agreed over several processes")
+        return {k: batch[k] for k in clip_packing.PACKED_INPUTS}
+    # data.augment_on_device adds the step's augmentation inputs (pipeline.device_batch_keys).
+    extra = [k for k in pipeline.device_batch_keys() if k in batch]
+    batch = {k: batch[k] for k in (*MODEL_INPUTS, *extra)}
     if length is None and jax.process_count() > 1:
         length = int(
             np.asarray(multihost_utils.process_allgather(np.int32(batch["pose"].shape[1]))).max()
@@ -73,11 +80,15 @@ def make_train_step(
     mesh: Mesh,
     batch_axes: tuple[str, ...],
     total_steps: int,
+    *,
+    augment: Callable[[dict[str, Any], jax.Array], dict[str, Any]] | None = None,
 ) -> TrainStep:
     """Initial (sharded) state and the jitted step for `model` (its current weights).
 
     config: the training config (loss, optimizer, microbatches, seed, max_bad_steps).
     optimizer.decay_steps = 0 decays over `total_steps`.
+    augment: hook(batch, step) -> model batch, applied inside the step to batches that carry
+    the device-augmentation inputs (data/augment_device.py, from_config).
     """
     opt_cfg = config.optimizer.copy_and_resolve_references()
     if not opt_cfg.decay_steps:  # 0: decay over this run's own length
@@ -108,11 +119,19 @@ def make_train_step(
         # Dropout keys depend only on (seed, step, microbatch): a resumed run replays exactly.
         m = nnx.merge(graphdef, p["model"], _fresh_rngs(model_rngs, rng), _copy(model_rest))
         m.train()
+        if clip_packing.is_packed(batch):  # [1, ...] leaves: see train_step
+            batch = {k: v[0] for k, v in batch.items()}
         return m(batch)
 
     def train_step(state, batch):
         batch = dict(batch)
         agree = batch.pop(AGREE, None)  # multi-process agreement rows, not model inputs
+        if augment is not None and "pose_observed" in batch:  # data.augment_on_device
+            batch = augment(batch, state["step"])
+        if clip_packing.is_packed(batch):
+            # Leaves lead with R rows or B clips: stacked by microbatch ([M, ...]), they share
+            # the leading size GradCache splits, and its microbatch m is clip_packing's.
+            batch = clip_packing.microbatch_major(batch, config.microbatches)
         rng = jax.random.fold_in(base_rng, state["step"])
         (loss, metrics), grads = grad_cache.accumulated_value_and_grad(
             embed_train,

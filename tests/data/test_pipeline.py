@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import weakref
 
 import ml_collections
 import numpy as np
@@ -400,3 +401,180 @@ def test_length_groups_sort_windows_and_resume_exactly(synth, tokenizer):
         pipeline.make_train_iterator(synth, _config(length_group_batches=4), **kw)
     with pytest.raises(UserError, match="length_group_batches must be >= 0"):
         pipeline.make_train_iterator(synth, _config(**buckets, length_group_batches=-1), **kw)
+
+
+# --- data.augment_on_device: the host reads, pads and draws the resampled frame counts -------
+
+DEVICE = {"temporal": True, "spatial": True, "noise": True, "flip_prob": 0.2}
+
+
+def test_device_augmentation_batches_hold_the_stored_clips(synth, tokenizer):
+    cfg = _config(augment=DEVICE, augment_on_device=True, max_frames=64, length_buckets=(48,))
+    settings = pipeline.settings_from_config(cfg)
+    n = len(synth)
+    it = pipeline.make_train_iterator(
+        synth, cfg, tokenizer=tokenizer, seed=2, batch_size_per_process=4
+    )
+    spec = pose_lib.PoseSpec(max_frames=0)
+    resampled = 0
+    for step in range(10):  # 40 examples of 30: crosses into epoch 1
+        b = next(it)
+        assert set(b) == {"pose", "pose_mask", "pose_observed", "aug_frames", "aug_id",
+                          "text_ids", "text_mask", "index", "label", "valid"}  # fmt: skip
+        length = b["pose"].shape[1]
+        assert b["pose"].shape == (4, length, 609) and b["pose"].dtype == np.float32
+        assert b["pose_observed"].shape == (4, length, 26) and b["valid"].all()
+        slots = np.maximum(b["pose_mask"].sum(1), b["aug_frames"])
+        assert length == pipeline.device_length(int(slots.max()), settings)
+        for row, i in enumerate(b["index"]):
+            epoch = (step * 4 + row) // n
+            assert b["aug_id"][row].tolist() == [epoch, int(i)]
+            record = synth[int(i)]
+            arr = pipeline.record_pose_array(record, spec)
+            t_in, frames = pipeline.device_frames(arr.num_frames, arr.fps, epoch, int(i),
+                                                  settings, seed=2)  # fmt: skip
+            t = int(t_in[0])
+            assert b["aug_frames"][row] == frames[0] and b["pose_mask"][row].sum() == t
+            assert t == (arr.num_frames if frames[0] else min(arr.num_frames, 64))
+            np.testing.assert_array_equal(b["pose"][row, :t], arr.points[:t].reshape(t, -1))
+            assert not b["pose"][row, t:].any()
+            bits = np.unpackbits(b["pose_observed"][row].reshape(-1))[: t * 203]
+            np.testing.assert_array_equal(bits.reshape(t, 203), arr.observed[:t])
+            resampled += bool(frames[0])
+    assert 0 < resampled < 40
+    # 16-bit models: the points travel as float16.
+    half = _config(**{**cfg.data, "pose_dtype": "bfloat16"})
+    b16 = next(pipeline.make_train_iterator(synth, half, tokenizer=tokenizer, seed=2,
+                                            batch_size_per_process=4))  # fmt: skip
+    assert b16["pose"].dtype == np.float16
+
+
+def test_device_augmentation_eval_batches_are_not_augmented(synth, tokenizer):
+    on = _config(augment=DEVICE, augment_on_device=True)
+    off = _config(augment=DEVICE)
+    kw = dict(tokenizer=tokenizer, batch_size_per_process=8)
+    _same(list(pipeline.make_eval_batches(synth, on, **kw)),
+          list(pipeline.make_eval_batches(synth, off, **kw)))  # fmt: skip
+
+
+class _Records:
+    """A source that is not a PackedSource: the per-example path over the same records."""
+
+    def __init__(self, inner):
+        self.inner, self.skipped = inner, []
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return self.inner[i]
+
+
+@pytest.fixture(scope="module")
+def packed16(synth, tmp_path_factory):
+    from signclip_jax.data.packing import pack
+
+    out = tmp_path_factory.mktemp("packed16")
+    pack(synth, out, spec=pose_lib.PoseSpec(max_frames=0), dtype="float16")
+    return sources.PackedSource(out)
+
+
+@pytest.mark.parametrize("groups", [0, 3])
+def test_device_augmentation_from_packed_shards_reads_whole_batches(packed16, tokenizer, groups):
+    """Packed shards: workers read and pad whole batches (length groups included); the
+    batches equal the per-example path's, and resume exactly inside a window."""
+    cfg = _config(augment=DEVICE, augment_on_device=True, max_frames=64, length_buckets=(48,),
+                  length_group_batches=groups, pose_dtype="bfloat16")  # fmt: skip
+    kw = dict(tokenizer=tokenizer, seed=5, batch_size_per_process=3)
+    fast = pipeline.make_train_iterator(packed16, cfg, **kw)
+    want = _take(pipeline.make_train_iterator(_Records(packed16), cfg, **kw), 12)
+    got = _take(fast, 7)
+    state = json.loads(json.dumps(fast.get_state()))
+    got += _take(fast, 5)
+    _same(got, want)
+    assert got[0]["pose"].dtype == np.float16  # the shards' own bytes
+    resumed = pipeline.make_train_iterator(packed16, cfg, **kw)
+    resumed.set_state(state)
+    _same(_take(resumed, 5), want[7:])
+    assert resumed.stats().examined == 36 and resumed.stats().skipped == 0
+    # A state of the other pipeline (augmentation on the host) is a clear error, both ways.
+    host = _config(**{**cfg.data, "augment_on_device": False})
+    other = pipeline.make_train_iterator(packed16, host, **kw)
+    with pytest.raises(UserError, match="saved by the batch reader of packed shards"):
+        other.set_state(state)
+    with pytest.raises(UserError, match="saved by the per-example pipeline"):
+        pipeline.make_train_iterator(packed16, cfg, **kw).set_state(other.get_state())
+
+
+def test_device_augmentation_from_packed_shards_with_workers(packed16, tokenizer):
+    # Worker processes send the clips unpadded; the main process pads them: same batches.
+    cfg = _config(augment=DEVICE, augment_on_device=True, max_frames=64, length_buckets=(48,),
+                  length_group_batches=2)  # fmt: skip
+    kw = dict(tokenizer=tokenizer, seed=1, batch_size_per_process=4)
+    want = _take(pipeline.make_train_iterator(packed16, cfg, **kw), 9)
+    two = _config(**{**cfg.data, "workers": 2})
+    it = pipeline.make_train_iterator(packed16, two, **kw)
+    _same(_take(it, 9), want)
+    it.close()
+
+
+def test_compact_clips_pad_like_the_in_process_path():
+    settings = pipeline.settings_from_config(_config())
+    rng = np.random.default_rng(0)
+    dtype = np.dtype(np.float16)
+    clips = [None if t == 0 else (rng.normal(size=(t, 609)).astype(dtype),
+                                  rng.integers(0, 256, (t * 203 + 7) // 8).astype(np.uint8))
+             for t in (5, 0, 17, 1)]  # fmt: skip
+    want = pipeline._pad_into(pipeline._BufferPool(settings, dtype), clips, 24)
+    compact = pipeline._compact(clips, 24, dtype, settings)
+    assert compact["compact_points"].shape == (23, 609)  # no padding travels
+    got = pipeline._Pad(settings, dtype, 4)({**compact, "index": np.arange(4)})
+    _same([got], [{**want, "index": np.arange(4)}])
+
+
+def test_device_augmentation_unreadable_packed_record_is_an_empty_counted_row(
+    packed16, tokenizer, tmp_path
+):
+    from signclip_jax.data.packing import ShardWriter
+
+    reader = packed16._open()
+    writer = ShardWriter(tmp_path, 1000)
+    for i in range(len(packed16)):
+        writer.write(b"garbage" if i == 4 else reader[i])
+    writer.close_shard()
+    index = dict(packed16.index, shards=writer.shards)
+    (tmp_path / sources.PACKED_INDEX).write_text(json.dumps(index))
+    damaged = sources.PackedSource(tmp_path)
+    cfg = _config(augment=DEVICE, augment_on_device=True, max_bad_fraction=0.5)
+    kw = dict(tokenizer=tokenizer, seed=0, batch_size_per_process=len(damaged))
+    it = pipeline.make_train_iterator(damaged, cfg, num_epochs=1, **kw)
+    (b,) = list(it)
+    row = int(np.flatnonzero(b["index"] == 4)[0])
+    assert not b["valid"][row] and b["valid"].sum() == len(damaged) - 1
+    assert not b["pose_mask"][row].any() and b["aug_frames"][row] == 0
+    stats = it.stats()
+    assert (stats.examined, stats.skipped) == (len(damaged), 1)
+    assert "packed record 4" in stats.examples[0] and "not a valid packed" in stats.examples[0]
+    strict = _config(augment=DEVICE, augment_on_device=True, max_bad_fraction=0.0,
+                     bad_check_min=1)  # fmt: skip
+    with pytest.raises(UserError, match="too many unusable examples"):
+        next(pipeline.make_train_iterator(damaged, strict, **kw))
+
+
+def test_device_batch_buffers_are_reused_without_stale_data(packed16, tokenizer):
+    # A batch's arrays are refilled once nothing holds them any more: the rows must then
+    # equal a fresh batch's (no frames or bits left over from longer clips before).
+    cfg = _config(augment=DEVICE, augment_on_device=True, max_frames=64)
+    kw = dict(tokenizer=tokenizer, seed=9, batch_size_per_process=5)
+    fast = pipeline.make_train_iterator(packed16, cfg, **kw)
+    slow = pipeline.make_train_iterator(_Records(packed16), cfg, **kw)
+    earlier, reused = [], 0
+    for _ in range(18):
+        a = next(fast)
+        _same([a], [next(slow)])
+        storage = a["pose"].base  # the batch arrays are views of reusable storage
+        reused += any(ref() is storage for ref in earlier)
+        earlier.append(weakref.ref(storage))
+        del storage
+        del a  # released: its arrays go back to the pool
+    assert reused >= 10

@@ -34,3 +34,21 @@ def test_train_flops_per_sample():
     assert flops.train_flops_per_sample(base, 256, 63) == pytest.approx(173e9, rel=0.02)
     # Fewer frames, fewer FLOPs; attention grows faster than linearly.
     assert flops.train_flops_per_sample(base, 128, 63) < flops.train_flops_per_sample(base, 256, 63)
+
+
+def test_packed_flops_count_the_rows_and_captions_that_run():
+    """A packed step: the video tower over R rows of T tokens (every slot goes through the
+    frame MLP), the text tower over B captions of the cut length. One clip of L frames per
+    row of L + 2 tokens is the padded count, but for the frame MLP's 2 extra slots."""
+    tiny = SignCLIPConfig(bert=BertConfig(**TINY_BERT), video_layers=1, projection="linear")
+    rows, clips = 3, 3
+    packed = flops.packed_forward_flops(tiny, rows, 34, clips, 16)
+    per_clip = flops.forward_flops_per_sample(tiny, 32, 16)
+    for part in ("video_dense", "video_attention", "text_dense", "text_attention", "projection"):
+        assert packed[part] == clips * per_clip[part], part
+    assert packed["frame_mlp"] == clips * per_clip["frame_mlp"] * 34 // 32
+    assert flops.packed_train_flops(tiny, rows, 34, clips, 16) == 3 * sum(packed.values())
+    # Packing 8 clips into 3 rows costs the rows, not the clips.
+    eight = flops.packed_forward_flops(tiny, 3, 34, 8, 16)
+    assert eight["video_dense"] == packed["video_dense"]
+    assert eight["text_dense"] == 8 * per_clip["text_dense"]

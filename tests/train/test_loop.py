@@ -153,7 +153,9 @@ def test_bfloat16_training_feeds_bfloat16_poses(tmp_path, synthetic_dir, monkeyp
     config.eval_every_steps = 2
     config.data.workers = 0
     train_lib.train(config, str(tmp_path / "w"))
-    assert len(fed) >= 3 and set(fed) == {"bfloat16"}  # 2 train steps, >= 1 val batch
+    # 2 train steps, >= 1 val batch. Train batches carry the stored float16 points (the step
+    # augments them on the device: data.augment_on_device); val batches the bf16 features.
+    assert len(fed) >= 3 and set(fed) == {"float16", "bfloat16"}
     rows = _metrics(tmp_path / "w")
     assert np.isfinite([r["loss"] for r in rows if r.get("split") == "train"]).all()
     assert any(r.get("split") == "val" for r in rows)
@@ -387,6 +389,7 @@ def _manifest_from(workdir: Path, path: Path) -> Path:
 def test_finetune_from_a_workdir(tmp_path, tiny_workdir):
     """configs/finetune_islr.py: architecture, tokenizer and weights come from init_from."""
     config = load_config("finetune_islr", "dataset=manifest,batch_size=8")
+    config.compilation_cache_dir = ""  # stay out of ~/.cache (as tests/helpers.tiny_config)
     config.init_from = str(tiny_workdir)
     config.total_steps = 2
     config.eval_every_steps = 2
@@ -418,6 +421,7 @@ def test_finetune_from_a_checkpoint_step_and_config_errors(tmp_path, tiny_workdi
     with pytest.raises(ValueError, match="dataset must be one of"):
         load_config("finetune_islr", "dataset=nope")
     config = load_config("finetune_islr", "dataset=manifest,batch_size=8")
+    config.compilation_cache_dir = ""  # stay out of ~/.cache (as tests/helpers.tiny_config)
     config.init_from = str(tmp_path / "missing")
     config.data.manifest = str(_manifest_from(tiny_workdir, tmp_path / "manifest.csv"))
     with pytest.raises(UserError, match="no checkpoints"):
@@ -437,12 +441,17 @@ def test_compilation_cache_is_written_even_after_a_first_compile(tmp_path):
         "jax.jit(lambda x: x + 1)(jnp.ones(3))\n"
         "print(enable_compilation_cache('~/xla-cache'))\n"
         "jax.jit(lambda x: x * 2 + 1)(jnp.ones(3))\n"
+        # A second directory (bench after a training run in one process) is used from then on.
+        "enable_compilation_cache('~/second-cache')\n"
+        "jax.jit(lambda x: x * 3 - 1)(jnp.ones(4))\n"
     )
     env = {**os.environ, "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(tmp_path / "xla-cache")
-    assert any((tmp_path / "xla-cache").iterdir())
+    first = sorted(p.name for p in (tmp_path / "xla-cache").iterdir())
+    second = sorted(p.name for p in (tmp_path / "second-cache").iterdir())
+    assert first and second and not set(first) & set(second)
 
 
 # ---------------------------------------------------------------------------------------------

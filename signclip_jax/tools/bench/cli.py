@@ -114,6 +114,24 @@ def _add_train(sub) -> None:
         action="store_true",
         help="with --lengths: batch rows of similar length together",
     )
+    p.add_argument(
+        "--layout", default="padded", metavar="padded,packed",
+        help="batch layouts to time, one run each on the same clips: padded (each clip padded "
+        "to the batch length, captions to text_max_len - 1) and/or packed (several clips per "
+        "row, captions cut to the batch's longest)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pack_row_len", type=int,
+        help="packed: tokens per row (default: max_frames + 2, one full-length clip)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pack_row_multiple", type=int, default=1,
+        help="packed: the row count rounded up to a multiple of this (fewer shapes to compile)",
+    )  # fmt: skip
+    p.add_argument(
+        "--text_multiple", type=int, default=8,
+        help="packed: captions are cut to the batch's longest, rounded up to this multiple",
+    )  # fmt: skip
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="model.dtype")
     p.add_argument("--attention", choices=("xla", "cudnn", "auto"), help="model.attention")
     p.add_argument("--remat", action="store_true", help="model.remat (per-layer)")
@@ -181,6 +199,18 @@ def _add_lengths(sub) -> None:
         help="data.length_group_batches values (comma-separated; 1 = random batches)",
     )  # fmt: skip
     p.add_argument("--batches", type=int, default=512, help="batches drawn per row")
+    p.add_argument(
+        "--pack_row_len", type=int,
+        help="the packed row: tokens per row (default: max_frames + 2)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pack_row_multiple", type=int, default=1,
+        help="the packed row: the row count rounded up to a multiple of this (fewer shapes)",
+    )  # fmt: skip
+    p.add_argument(
+        "--text_multiple", type=int, default=8,
+        help="the packed row: captions cut to the batch's longest, rounded up to this",
+    )  # fmt: skip
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", help="write the results as JSON here")
     # overrides.train_config reads these train flags; lengths leaves them to the config.

@@ -3,7 +3,9 @@
 Mean padded frames, useful-frame fraction and analytic training FLOPs per clip (model/flops.py)
 for each data.length_buckets set and length-grouping window (data.length_group_batches), on
 batches drawn from the Spreadthesign length model (plan.py, as `train --lengths=spreadthesign`).
-No model runs: the speed-up bound assumes the step time follows the FLOPs.
+No model runs: the speed-up bound assumes the step time follows the FLOPs. The `packed` row
+is the packed layout (data/clip_packing.py: several clips per row of --pack_row_len tokens,
+captions cut to each batch's longest rounded up to --text_multiple) on random batches.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from signclip_jax.data import clip_packing
 from signclip_jax.errors import UserError
 from signclip_jax.model import signclip as signclip_model
-from signclip_jax.model.flops import train_flops_per_sample
+from signclip_jax.model.flops import packed_train_flops, train_flops_per_sample
 from signclip_jax.tools.bench.common import ints, table
 from signclip_jax.tools.bench.overrides import train_config
 from signclip_jax.tools.bench.plan import plan_batches
@@ -75,10 +78,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "train_gflop_per_sample": flops / 1e9, "speedup_bound": full / flops,
                 "padded_lengths": sorted(set(padded)),
             })  # fmt: skip
+    rows.append(_packed_row(mcfg, args, batch, text_len, full))
     return {
         "mode": "lengths", "batch_size": batch, "max_frames": top, "text_len": text_len,
         "model": {"hidden_size": mcfg.hidden_size, "video_layers": mcfg.video_layers},
         "full_length_gflop_per_sample": full / 1e9, "results": rows,
+    }  # fmt: skip
+
+
+def _packed_row(mcfg, args, batch: int, text_len: int, full: float) -> dict[str, Any]:
+    """The packed layout on random batches: slots per clip (as padded frames), useful
+    fraction, training FLOPs per clip of the rows and cut captions actually run."""
+    top = int(mcfg.max_frames)
+    row_len = args.pack_row_len or top + 2
+    if row_len < top + 2 or args.text_multiple < 1 or args.pack_row_multiple < 1:
+        raise UserError(f"--pack_row_len must be >= max_frames + 2 = {top + 2}, "
+                        "--text_multiple and --pack_row_multiple >= 1")  # fmt: skip
+    slots, frames, tokens, flops, shapes = [], [], [], [], set()
+    for seed in range(args.batches):
+        plan = plan_batches(steps=1, batch_size=batch, max_frames=top, text_len=text_len,
+                            seed=seed)  # fmt: skip
+        lengths = plan.lengths[0]
+        rows = clip_packing.rows_needed(
+            lengths, row_len=row_len, max_frames=top, row_multiple=args.pack_row_multiple
+        )
+        _, text_mask = plan.masks(0)
+        cut = clip_packing.text_length(text_mask, args.text_multiple)
+        slots.append(rows * row_len)
+        frames.append(int(lengths.sum()))
+        tokens.append(int(lengths.sum()) + 2 * batch)
+        flops.append(packed_train_flops(mcfg, rows, row_len, batch, cut) / batch)
+        shapes.add((rows, cut))
+    mean_flops = float(np.mean(flops))
+    return {
+        "buckets": f"packed {row_len}" + (f" x{args.pack_row_multiple}"
+                                          if args.pack_row_multiple > 1 else ""),
+        "window": 1, "batches": args.batches,
+        "mean_padded_frames": float(np.mean(slots)) / batch - 2,
+        "useful_frame_fraction": sum(frames) / sum(slots),
+        "useful_token_fraction": sum(tokens) / sum(slots),
+        "train_gflop_per_sample": mean_flops / 1e9, "speedup_bound": full / mean_flops,
+        "padded_lengths": sorted(f"{r} rows, text {t}" for r, t in shapes),
     }  # fmt: skip
 
 
@@ -92,6 +132,8 @@ def show(result: dict[str, Any]) -> None:
     for row in result["results"]:
         row["lengths_used"] = len(row["padded_lengths"])
         row["useful_pct"] = 100 * row["useful_frame_fraction"]
+        if "useful_token_fraction" in row:  # packed: [CLS] and [SEP] are real tokens too
+            row["useful_token_pct"] = 100 * row["useful_token_fraction"]
     print(
         table(
             result["results"],
@@ -100,6 +142,7 @@ def show(result: dict[str, Any]) -> None:
                 ("window", "window", "d"),
                 ("mean_padded_frames", "mean padded frames", ".1f"),
                 ("useful_pct", "useful %", ".1f"),
+                ("useful_token_pct", "tokens %", ".1f"),
                 ("train_gflop_per_sample", "GFLOP/clip", ".1f"),
                 ("speedup_bound", "x vs max_frames", ".2f"),
                 ("lengths_used", "compiles", "d"),

@@ -5,29 +5,43 @@ for each padded length of the plan (plan.py), then timed in repeats: compile tim
 samples/s, step ms, TFLOP/s and MFU from the analytic FLOP count (model/flops.py) and a table
 of peak FLOP/s, peak memory. `--twin` also times the PyTorch twin on the same shapes, first
 and in its own process (twin.py).
+
+`--layout=padded,packed` times both batch layouts of the same model on the same clips (same
+frame and caption lengths, the same pose values and caption ids), one run each: `padded` is
+the original recipe's (each clip padded to the plan's length, captions to text_max_len - 1),
+`packed` puts several clips in a row (data/clip_packing.py) and cuts the captions to the
+batch's longest, rounded up to --text_multiple. The JSON's `runs` has one entry per layout.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import gzip
 import json
 import logging
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from signclip_jax.data import pipeline
+from signclip_jax.data import clip_packing, pipeline
 from signclip_jax.errors import UserError
 from signclip_jax.model import signclip as signclip_model
-from signclip_jax.model.flops import forward_flops_per_sample, train_flops_per_sample
+from signclip_jax.model.flops import (
+    forward_flops_per_sample,
+    packed_train_flops,
+    train_flops_per_sample,
+)
 from signclip_jax.tools.bench.common import max_rss_bytes, table, timing
 from signclip_jax.tools.bench.overrides import train_config
 from signclip_jax.tools.bench.plan import BatchPlan, plan_batches
@@ -74,6 +88,27 @@ def _check_counts(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be >= {low}, got {value}")
     if args.sort_by_length and not args.lengths:
         raise UserError("--sort_by_length needs --lengths=spreadthesign")
+    layouts = layouts_of(getattr(args, "layout", "padded"))
+    if "packed" in layouts and args.twin and layouts[0] != "padded":
+        raise UserError("--twin times the padded layout: list padded first in --layout")
+    for name in ("pack_row_len", "pack_row_multiple", "text_multiple"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+
+
+LAYOUTS = ("padded", "packed")
+
+
+def layouts_of(raw: str) -> list[str]:
+    """--layout's comma list -> layout names (in order, no repeats); UserError otherwise."""
+    names = [x.strip() for x in str(raw).split(",") if x.strip()]
+    bad = [x for x in names if x not in LAYOUTS]
+    if not names or bad or len(set(names)) != len(names):
+        raise UserError(
+            f"--layout wants a comma list of {', '.join(LAYOUTS)} (each once), got {raw!r}"
+        )
+    return names
 
 
 class JaxBench:
@@ -134,48 +169,104 @@ class JaxBench:
             batches.append(batch)
         return batches
 
-    def run(self) -> dict[str, Any]:
-        config, mcfg, plan, args = self.config, self.mcfg, self.plan, self.args
+    def _packed_batches(
+        self, padded: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The same clips as `padded` (each step's poses, caption ids and lengths), packed
+        (data/clip_packing.py): the rows are gathered on the devices from the padded poses.
+        Returns (device batches, per-step {"rows", "text_len", "useful_token_fraction"})."""
+        plan, mcfg, args = self.plan, self.mcfg, self.args
+        shard = sharding.batch_sharding(self.mesh, self.batch_axes)
+        row_len = args.pack_row_len or mcfg.max_frames + 2
+        shards = sharding.num_batch_shards(self.mesh, self.batch_axes)
+
+        @functools.partial(jax.jit, out_shardings=shard)
+        def gather(pose, index):  # [B, L, D], [R, T] -> [R, T, D]
+            return jnp.take(pose.reshape(-1, pose.shape[-1]), index, axis=0)
+
+        batches, info = [], []
+        for step, source in enumerate(padded):
+            frames = plan.lengths[step].astype(np.int64)
+            lay = clip_packing.layout(
+                frames, row_len=row_len, max_frames=mcfg.max_frames, shards=shards,
+                microbatches=int(self.config.microbatches), row_multiple=args.pack_row_multiple,
+            )  # fmt: skip
+            length = int(plan.padded[step])
+            index = np.zeros((lay.rows, row_len), np.int32)  # non-frame slots: zeroed anyway
+            for c, n in enumerate(frames):
+                first = int(lay.clip_start[c]) + 1
+                index[lay.batch_row[c], first : first + n] = c * length + np.arange(n)
+            host_text = {
+                k: np.asarray(jax.device_get(source[k])) for k in ("text_ids", "text_mask")
+            }
+            text_len = clip_packing.text_length(host_text["text_mask"], args.text_multiple)
+            host = {
+                **clip_packing.trim_text(host_text, text_len),
+                "packed_segments": lay.segments,
+                "packed_positions": lay.positions,
+                "clip_row": lay.clip_row,
+                "clip_segment": lay.clip_segment,
+            }
+            batch = sharding.shard_batch(host, self.mesh, self.batch_axes)
+            batch["packed_pose"] = gather(source["pose"], jnp.asarray(index))
+            batches.append(batch)
+            info.append({
+                "rows": lay.rows, "row_len": row_len, "text_len": text_len,
+                "useful_token_fraction": lay.useful_fraction(),
+                "useful_frame_fraction": float(frames.sum()) / lay.segments.size,
+            })  # fmt: skip
+        return batches, info
+
+    def _prepare(self, layout: str) -> _Run:
+        """A fresh model (the same weights for every layout: same seed), its train step, this
+        layout's batches and one compiled executable per batch shape."""
+        config, mcfg, args = self.config, self.mcfg, self.args
         model = signclip_model.SignCLIP(mcfg, rngs=nnx.Rngs(config.seed, dropout=config.seed + 1))
         params = signclip_model.count_params(model)
+        total = args.warmup + args.steps * args.repeats
+        fns = train_step_lib.make_train_step(config, model, self.mesh, self.batch_axes, total)
+        del model  # its arrays now live (donated) in fns.state
+        batches = self._batches()
+        packing = None
+        if layout == "packed":
+            batches, packing = self._packed_batches(batches)
+        keys = [_shape_key(b) for b in batches]
+        options = {"xla_backend_optimization_level": 0} if args.fast_compile else None
+
+        # Ahead-of-time compile, one executable per batch shape; the timed loop calls them.
+        run = _Run(layout=layout, state=fns.state, batches=batches, keys=keys, params=params,
+                   packing=packing)  # fmt: skip
+        for i, key in enumerate(keys):
+            if key in run.compiled:
+                continue
+            start = time.perf_counter()
+            run.compiled[key] = fns.step.lower(fns.state, batches[i]).compile(options)
+            run.compile_s[key] = time.perf_counter() - start
+            run.xla[key] = _xla_estimates(run.compiled[key])
+        return run
+
+    def run(self, layouts: Sequence[str] = ("padded",)) -> list[dict[str, Any]]:
+        """Times the train step on each layout's batches; one result row per layout.
+
+        Every layout is compiled and warmed up first, then the timed repeats alternate
+        between the layouts (A B A B ...), so that a machine's changing load (a shared CPU)
+        falls on all of them alike.
+        """
+        mcfg, plan, args = self.mcfg, self.plan, self.args
         dtype = signclip_model.DTYPES[mcfg.dtype]
         attention = signclip_model._attention_impl(mcfg.attention, dtype)  # what "auto" chose
         if mcfg.bert.attention_probs_dropout_prob > 0:
             # Training with attention dropout runs the explicit softmax (bert.BertSelfAttention).
             attention = f"explicit (attention dropout {mcfg.bert.attention_probs_dropout_prob})"
-        total = args.warmup + args.steps * args.repeats
-        fns = train_step_lib.make_train_step(config, model, self.mesh, self.batch_axes, total)
-        del model  # its arrays now live (donated) in fns.state
-        batches = self._batches()
-        options = {"xla_backend_optimization_level": 0} if args.fast_compile else None
-
-        # Ahead-of-time compile, one executable per padded length; the timed loop calls them.
-        compiled, compile_s, xla = {}, {}, {}
-        for i, length in enumerate(int(x) for x in plan.padded):
-            if length in compiled:
-                continue
-            start = time.perf_counter()
-            compiled[length] = fns.step.lower(fns.state, batches[i]).compile(options)
-            compile_s[length] = time.perf_counter() - start
-            xla[length] = _xla_estimates(compiled[length])
-
-        state = fns.state
-        metrics = None
-
-        def steps(n: int):
-            nonlocal state, metrics
-            for j in range(n):
-                i = j % plan.steps
-                state, metrics = compiled[int(plan.padded[i])](state, batches[i])
-            jax.block_until_ready((state, metrics))
-
+        runs = [self._prepare(layout) for layout in layouts]
         try:
-            steps(args.warmup)
-            repeat_s = []
+            for run in runs:
+                run.steps(args.warmup)
             for _ in range(args.repeats):
-                start = time.perf_counter()
-                steps(plan.steps)
-                repeat_s.append(time.perf_counter() - start)
+                for run in runs:
+                    start = time.perf_counter()
+                    run.steps(plan.steps)
+                    run.repeat_s.append(time.perf_counter() - start)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" in str(e):
                 raise UserError(
@@ -183,39 +274,100 @@ class JaxBench:
                     "use --microbatches / --remat"
                 ) from None
             raise
-        loss = float(metrics["loss"])
         memory, measure = _jax_peak_memory(self.devices)  # before profiling can add to it
-        profile = None
-        if args.profile:
-            with jax.profiler.trace(args.profile):
-                steps(2)
-            profile = summarize_trace(args.profile, steps=2)
-        step_flops = _step_flops(mcfg, plan)
+        if len(runs) > 1:
+            measure += " (the whole run: every layout)"
         kind = self.devices[0].device_kind
         peak = peak_tflops(kind, mcfg.dtype)
-        return {
-            "impl": "jax",
-            "device": kind,
-            "devices": len(self.devices),
-            "compile_s": sum(compile_s.values()),
-            "compile_s_by_length": {str(k): v for k, v in compile_s.items()},
-            **timing(
-                repeat_s,
-                plan.steps,
-                plan.batch_size,
-                step_flops,
-                peak * len(self.devices) if peak else None,
-            ),
-            "peak_memory_bytes": memory,
-            "memory_measure": measure,
-            "loss": loss,
-            "attention": attention,
-            "pose_dtype": str(batches[0]["pose"].dtype),  # data.pose_dtype, as training feeds
-            "params": params,
-            "xla": {str(k): v for k, v in xla.items()},
-            "peak_tflops_per_device": peak,
-            "profile": profile,
-        }
+        rows = []
+        for run in runs:
+            loss = float(run.metrics["loss"])
+            profile = None
+            if args.profile:
+                trace = args.profile if len(runs) == 1 else os.path.join(args.profile, run.layout)
+                with jax.profiler.trace(trace):
+                    run.steps(2)
+                profile = summarize_trace(trace, steps=2)
+            if run.packing is None:
+                step_flops = _step_flops(mcfg, plan)
+            else:
+                step_flops = _packed_step_flops(mcfg, plan, run.packing)
+            pose = run.batches[0]["packed_pose" if run.packing else "pose"]
+            rows.append({
+                "impl": "jax",
+                "layout": run.layout,
+                "device": kind,
+                "devices": len(self.devices),
+                "compile_s": sum(run.compile_s.values()),
+                "compile_s_by_length": {str(k): v for k, v in run.compile_s.items()},
+                **timing(run.repeat_s, plan.steps, plan.batch_size, step_flops,
+                         peak * len(self.devices) if peak else None),
+                "peak_memory_bytes": memory,
+                "memory_measure": measure,
+                "loss": loss,
+                "attention": attention,
+                "pose_dtype": str(pose.dtype),  # data.pose_dtype, as training feeds
+                "params": run.params,
+                "xla": {str(k): v for k, v in run.xla.items()},
+                "peak_tflops_per_device": peak,
+                "profile": profile,
+                "step_flops": step_flops,
+                "packing": _packing_summary(run.packing),
+            })  # fmt: skip
+        return rows
+
+
+@dataclasses.dataclass
+class _Run:
+    """One layout's timed train step: its state, batches and executables (by batch shape)."""
+
+    layout: str
+    state: Any
+    batches: list[dict[str, Any]]
+    keys: list[str]  # each step's executable
+    params: dict[str, int]
+    packing: list[dict[str, Any]] | None
+    compiled: dict[str, Any] = dataclasses.field(default_factory=dict)
+    compile_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    xla: dict[str, Any] = dataclasses.field(default_factory=dict)
+    repeat_s: list[float] = dataclasses.field(default_factory=list)
+    metrics: Any = None
+
+    def steps(self, n: int) -> None:
+        """n steps (cycling through the batches), then waits for the device."""
+        for j in range(n):
+            i = j % len(self.batches)
+            self.state, self.metrics = self.compiled[self.keys[i]](self.state, self.batches[i])
+        jax.block_until_ready((self.state, self.metrics))
+
+
+def _shape_key(batch: dict[str, Any]) -> str:
+    """What a compiled step is specialised on: the padded length, or a packed batch's rows
+    and caption length."""
+    if clip_packing.is_packed(batch):
+        return f"{batch['packed_pose'].shape[0]} rows, text {batch['text_ids'].shape[1]}"
+    return str(batch["pose"].shape[1])
+
+
+def _packing_summary(info: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    return {
+        "row_len": info[0]["row_len"],
+        "rows": [i["rows"] for i in info],
+        "text_len": [i["text_len"] for i in info],
+        "useful_token_fraction": float(np.mean([i["useful_token_fraction"] for i in info])),
+        "useful_frame_fraction": float(np.mean([i["useful_frame_fraction"] for i in info])),
+    }
+
+
+def _packed_step_flops(mcfg, plan: BatchPlan, info: list[dict[str, Any]]) -> float:
+    """Mean model FLOPs of one packed step: the rows and caption tokens actually run."""
+    per_step = [
+        packed_train_flops(mcfg, i["rows"], i["row_len"], plan.batch_size, i["text_len"])
+        for i in info
+    ]
+    return sum(per_step) / len(per_step)
 
 
 # Kernel-name patterns -> what the time is spent on (first match wins).
@@ -314,6 +466,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         frames = mcfg.max_frames
     if frames is not None and frames > mcfg.max_frames:
         raise UserError(f"--frames={frames} exceeds the model's max_frames={mcfg.max_frames}")
+    if args.pack_row_len is not None and args.pack_row_len < mcfg.max_frames + 2:
+        raise UserError(
+            f"--pack_row_len={args.pack_row_len} is shorter than one full clip "
+            f"(max_frames + 2 = {mcfg.max_frames + 2} tokens)"
+        )
     buckets = tuple(config.data.get("length_buckets", ()) or ())
     plan = plan_batches(
         steps=args.steps, batch_size=config.batch_size, max_frames=mcfg.max_frames,
@@ -327,6 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     enable_compilation_cache(args.compilation_cache)  # the config's cache is not used here
     jax_bench = JaxBench(config, mcfg, plan, args)  # checks devices and divisibility first
+    layouts = layouts_of(args.layout)
 
     results = []
     if args.twin:
@@ -345,14 +503,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }  # fmt: skip
         twin = run_twin(spec, plan)
     try:
-        jax_result = jax_bench.run()
+        results += jax_bench.run(layouts)
     except UserError as e:
         if not args.twin:
             raise
         # Keep the twin's numbers (it ran first); the table shows the JAX error.
         log.error("the JAX step failed: %s", e)
-        jax_result = {"impl": "jax", "error": str(e)}
-    results.append(jax_result)
+        results += [{"impl": "jax", "layout": layout, "error": str(e)} for layout in layouts]
+    runs = [_run_entry(r) for r in results]
+    jax_result = results[0]  # the first layout's (the twin's comparison)
     step_flops = _step_flops(mcfg, plan)
     if args.twin:
         if "repeat_s" in twin:
@@ -365,6 +524,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratio = None
     if args.twin and "samples_per_s" in results[-1] and "samples_per_s" in jax_result:
         ratio = jax_result["samples_per_s"] / results[-1]["samples_per_s"]
+    speeds = {r["layout"]: r.get("samples_per_s") for r in runs}
+    packed_ratio = None
+    if speeds.get("packed") and speeds.get("padded"):
+        packed_ratio = speeds["packed"] / speeds["padded"]
     mean_padded = float(plan.padded.mean())
     return {
         "mode": "train",
@@ -417,8 +580,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "prng_impl": str(jax.config.jax_default_prng_impl),
         },
         "results": results,
+        "runs": runs,
+        "packed_over_padded": packed_ratio,
         "jax_over_twin": ratio,
     }
+
+
+def _run_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """One layout's entry of the JSON's `runs` (samples/s are clips/s)."""
+    keys = ("layout", "samples_per_s", "step_ms", "repeat_s", "compile_s", "tflops", "loss",
+            "peak_memory_bytes", "packing", "error")  # fmt: skip
+    return {k: row[k] for k in keys if k in row}
 
 
 def _gib(x) -> str:
@@ -455,6 +627,13 @@ def show(result: dict[str, Any]) -> None:
         if "error" in r:
             print(f"{r['impl']}: FAILED: {r['error']}")
             continue
+        if r.get("packing"):
+            p = r["packing"]
+            print(
+                f"packed: rows of {p['row_len']} tokens, rows per step {p['rows']}, useful "
+                f"tokens {100 * p['useful_token_fraction']:.1f}% (frames "
+                f"{100 * p['useful_frame_fraction']:.1f}%), captions cut to {p['text_len']}"
+            )
         row["startup"] = r["compile_s"] if r.get("compile_s") is not None else r["first_step_s"]
         row["what"] = "compile" if r.get("compile_s") is not None else "first step"
         row["mfu_pct"] = 100 * r["mfu"] if r.get("mfu") is not None else None
@@ -465,6 +644,7 @@ def show(result: dict[str, Any]) -> None:
             rows,
             [
                 ("impl", "impl", "s"),
+                ("layout", "layout", "s"),
                 ("samples_per_s", "samples/s", ".2f"),
                 ("step_ms", "step ms", ".1f"),
                 ("startup", "startup s", ".1f"),
@@ -481,6 +661,8 @@ def show(result: dict[str, Any]) -> None:
         print("MFU: n/a where the device's peak FLOP/s is unknown (CPU)")
     if result["jax_over_twin"] is not None:
         print(f"JAX / twin samples/s: {result['jax_over_twin']:.2f}x")
+    if result.get("packed_over_padded") is not None:
+        print(f"packed / padded clips/s: {result['packed_over_padded']:.2f}x")
     for r in result["results"]:
         if r.get("profile"):
             parts = r["profile"]["device_ms_per_step"]

@@ -30,6 +30,8 @@ def test_train_help_and_bad_arguments():
         (["train", "--frames=8", "--lengths=spreadthesign"], "--lengths"),
         (["train", "--sort_by_length"], "--sort_by_length"),
         (["train", "--dtype=float64"], "--dtype"),
+        (["train", "--layout=padded,ragged"], "--layout"),
+        (["train", "--layout=packed", "--pack_row_len=0"], "--pack_row_len"),
         (["train", "--bert=tiny", "--config.model.nope=1"], "model.nope"),
     ):
         r = _run(*args)

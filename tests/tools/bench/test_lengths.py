@@ -21,7 +21,9 @@ def test_lengths_mode_padding_and_flops(tmp_path, capsys):
     )  # fmt: skip
     result = json.loads(out.read_text())
     rows = {(r["buckets"], r["window"]): r for r in result["results"]}
-    assert set(rows) == {(b, w) for b in ("none", "62,126,190") for w in (1, 16)}
+    assert set(rows) == {(b, w) for b in ("none", "62,126,190") for w in (1, 16)} | {
+        ("packed 258", 1)
+    }
     mcfg = model_config(overrides.train_config(cli.build_parser().parse_args(
         ["train", "--bert=bert-base-cased"])))  # fmt: skip
     full = train_flops_per_sample(mcfg, 256, 63)
@@ -40,6 +42,13 @@ def test_lengths_mode_padding_and_flops(tmp_path, capsys):
     # The bound is the FLOP ratio of the padded lengths.
     assert grouped["train_gflop_per_sample"] * grouped["speedup_bound"] == pytest.approx(full / 1e9)
     assert f"{grouped['speedup_bound']:.2f}" in stdout and "62,126,190" in stdout
+    # Packing (rows of max_frames + 2 tokens, captions cut): >= 90 % of the slots are real
+    # tokens, and the FLOPs per clip fall with the slots (and the shorter captions).
+    packed = rows[("packed 258", 1)]
+    assert packed["useful_token_fraction"] >= 0.9
+    assert packed["useful_frame_fraction"] < packed["useful_token_fraction"]
+    assert packed["mean_padded_frames"] < 110 and packed["speedup_bound"] > 2.2
+    assert packed["train_gflop_per_sample"] * packed["speedup_bound"] == pytest.approx(full / 1e9)
     for bad, message in (
         ("--buckets=1,x", "--buckets wants"), ("--buckets=0,64", "--buckets values must be > 0"),
         ("--windows=0", "--windows"), ("--batches=0", "--batches must be >= 1"),

@@ -108,7 +108,7 @@ def test_train_bench_lengths_microbatches(tmp_path, capsys):
 def test_train_bench_keeps_the_twin_when_jax_fails(tmp_path, capsys, monkeypatch):
     # Out of memory in the JAX step (as at batch 448 on an H100) must not lose the twin's
     # numbers, which were measured first. No compile: both sides are stood in for.
-    def jax_fails(self):
+    def jax_fails(self, layouts):
         raise UserError("out of device memory at batch 8: lower --batch_size")
 
     twin = {
@@ -124,11 +124,51 @@ def test_train_bench_keeps_the_twin_when_jax_fails(tmp_path, capsys, monkeypatch
     jax_row, twin_row = result["results"]
     assert jax_row == {
         "impl": "jax",
+        "layout": "padded",
         "error": "out of device memory at batch 8: lower --batch_size",
     }
     assert twin_row["samples_per_s"] == pytest.approx(8 * 2 / 0.2)
     assert result["jax_over_twin"] is None and result["model"]["params"] is None
     assert "jax: FAILED: out of device memory" in stdout and "torch twin" in stdout
+
+
+@pytest.mark.slow  # three XLA compiles at opt level 0 (~20-40 s on 2 loaded cores)
+def test_train_bench_padded_and_packed_layouts(tmp_path, capsys):
+    """Both layouts of the same model on the same clips, sharded over 2 devices with 2
+    GradCache microbatches (the packed batch's microbatch-major path)."""
+    out = tmp_path / "train.json"
+    stdout = bench_in_process(
+        capsys, *TINY_TRAIN, "--lengths=spreadthesign", "--layout=padded,packed",
+        "--microbatches=2", "--devices=2", "--set", "data.max_frames=96", f"--out={out}",
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert [r["layout"] for r in runs] == ["padded", "packed"]
+    assert [r["layout"] for r in result["results"]] == ["padded", "packed"]
+    for row in result["results"]:
+        _check_row(row, 8, 2)
+    padded, packed = runs
+    assert result["packed_over_padded"] == pytest.approx(
+        packed["samples_per_s"] / padded["samples_per_s"]
+    )
+    p = packed["packing"]
+    assert p["row_len"] == 98 and all(r % 4 == 0 for r in p["rows"])  # 2 shards x 2 micro
+    assert all(t < 63 and t % 8 == 0 for t in p["text_len"])
+    # The packed rows hold the plan's clips: their real frames over all slots.
+    assert p["useful_frame_fraction"] == pytest.approx(
+        sum(result["batch"]["mean_pose_frames"] * 8 for _ in p["rows"])
+        / sum(r * 98 for r in p["rows"])
+    )
+    assert padded["packing"] is None
+    assert "packed / padded clips/s" in stdout and "useful tokens" in stdout
+
+
+def test_layout_names():
+    assert train.layouts_of("padded,packed") == ["padded", "packed"]
+    assert train.layouts_of(" packed ") == ["packed"]
+    for bad in ("", "packed,packed", "padded,ragged"):
+        with pytest.raises(UserError, match="--layout"):
+            train.layouts_of(bad)
 
 
 def test_peak_tflops_table():
