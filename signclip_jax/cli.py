@@ -8,6 +8,7 @@ raised anywhere below `run_cli`, or a usage error that argparse reports through 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
@@ -32,6 +33,16 @@ def run_cli(main: Callable[[], int | None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def format_duration(seconds: float) -> str:
+    """'1:02:03' or '2:03' (progress lines, ETAs); '?' when not finite."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class Parser(argparse.ArgumentParser):

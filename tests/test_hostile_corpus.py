@@ -137,7 +137,8 @@ def _embed_files(ctx: Context, path: Path, data: bytes) -> dict[str, Any]:
 def _server_request(ctx: Context, path: Path, data: bytes) -> dict[str, Any]:
     """The app's request parsing (base64, then the pose checks) with the default settings."""
     host = app_lib.ModelHost(ServeSettings(checkpoint="unused"))
-    host.status, host.embedder = "ready", ctx.embedder
+    host.status = "ready"
+    host.models[host.names[0]] = app_lib.ServedModel(host.names[0], ctx.embedder, None, {})
     body = {"pose": [base64.b64encode(data).decode()]}
     return _raised(lambda: app_lib.request_poses(body, host, required=True))
 

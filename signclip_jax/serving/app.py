@@ -152,28 +152,6 @@ class ModelHost:
             future.cancel()
             raise ApiError(503, "timed out waiting for the model", {"Retry-After": "5"}) from None
 
-    # The first (default) model's Embedder and Batcher, for code written for one model (and
-    # tests that stand in a fake one).
-    def _first(self) -> ServedModel:
-        name = self.names[0]
-        return self.models.setdefault(name, ServedModel(name, None, None, {}))
-
-    @property
-    def embedder(self) -> Any:
-        return self.models[self.names[0]].embedder if self.names[0] in self.models else None
-
-    @embedder.setter
-    def embedder(self, value: Any) -> None:
-        self._first().embedder = value
-
-    @property
-    def batcher(self) -> Any:
-        return self.models[self.names[0]].batcher if self.names[0] in self.models else None
-
-    @batcher.setter
-    def batcher(self, value: Any) -> None:
-        self._first().batcher = value
-
     def listing(self) -> list[dict[str, Any]]:
         """/health's list: every served model's name and, once loaded, its checkpoint (step
         directory), embedding size and max_frames."""

@@ -39,6 +39,7 @@ from pose_format import Pose
 from tqdm import tqdm
 
 from signclip_jax import files as files_lib
+from signclip_jax.cli import format_duration
 from signclip_jax.data import pose as pose_lib
 from signclip_jax.data import segments as seg_lib
 from signclip_jax.errors import DataError, UserError
@@ -335,7 +336,7 @@ class Progress:
         rate = self.rows / elapsed if elapsed > 0 else 0.0
         return (
             f"{self.desc}: {100 * fraction:.0f}% ({self.rows} rows, {rate:.1f} rows/s,"
-            f" elapsed {_clock(elapsed)}, ETA {_clock(eta)})"
+            f" elapsed {format_duration(elapsed)}, ETA {format_duration(eta)})"
         )
 
     def write(self, message: str) -> None:
@@ -344,18 +345,13 @@ class Progress:
         else:
             print(message, file=self.stream, flush=True)
 
+    def failed(self, path: str, message: str) -> None:
+        """A file that could not be embedded: 'failed: PATH: why' (the path once)."""
+        self.write(f"failed: {message if path in message else f'{path}: {message}'}")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _clock(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "?"
-    seconds = round(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 # ------------------------------------------------------------------------------- rows

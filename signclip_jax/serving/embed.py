@@ -305,9 +305,6 @@ def _embed_files(
         len(pose_files), desc="embed", unit="pose", quiet=args.quiet or len(pose_files) < 64
     )
 
-    def report(path: str, message: str) -> None:
-        progress.write(f"failed: {message if path in message else f'{path}: {message}'}")
-
     try:
         pose_emb, good, failed = embed_files(
             embedder,
@@ -316,7 +313,7 @@ def _embed_files(
             read_threads=args.read_threads,
             long_poses=args.long_poses,
             normalize=args.normalize,
-            on_error=report,
+            on_error=progress.failed,
             progress=lambda n: progress.update(n, rows=n),
         )
     finally:

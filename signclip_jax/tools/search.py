@@ -208,9 +208,6 @@ def cmd_index(args: argparse.Namespace) -> int:
     progress = clips.Progress(len(paths), desc="index", unit="pose",
                               quiet=args.quiet or len(paths) < 64)  # fmt: skip
 
-    def report(path: str, message: str) -> None:
-        progress.write(f"failed: {message if path in message else f'{path}: {message}'}")
-
     try:
         index, failed = search_lib.build_index(
             embedder,
@@ -220,7 +217,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             metric=args.metric,
             long_poses=args.long_poses,
             read_threads=args.read_threads,
-            on_error=report,
+            on_error=progress.failed,
             progress=lambda n: progress.update(n, rows=n),
         )
     finally:

@@ -347,8 +347,7 @@ class _Inputs:
         if step not in self._host:
             batch = next(self.iterator)
             self._host[step] = _Fetched(
-                {k: batch[k] for k in (*train_step_lib.MODEL_INPUTS,
-                                         *pipeline.device_batch_keys()) if k in batch},
+                {k: batch[k] for k in train_step_lib.input_keys(batch)},
                 copy.deepcopy(self.iterator.get_state()),
                 pipeline.bad_example_stats(self.iterator),
             )

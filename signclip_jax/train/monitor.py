@@ -17,6 +17,7 @@ from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
 from signclip_jax import files
+from signclip_jax.cli import format_duration
 
 log = logging.getLogger("signclip_jax.train")
 
@@ -108,7 +109,7 @@ class Progress:
         line = (
             f"step {step}/{self.total} loss {metrics.get('loss', float('nan')):.4f} "
             f"lr {metrics.get('lr', float('nan')):.3g} {sps:.1f} samples/s "
-            f"ETA {_duration(remaining)}"
+            f"ETA {format_duration(remaining)}"
         )
         metrics_skipped = metrics.get("data_skipped")
         if metrics_skipped:
@@ -120,12 +121,3 @@ class Progress:
         """One line of an evaluator's numbers (floats only)."""
         shown = " ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
         print(f"\n{name} at step {step}: {shown}", file=self.stream, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

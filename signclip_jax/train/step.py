@@ -30,6 +30,12 @@ MODEL_INPUTS = ("pose", "pose_mask", "text_ids", "text_mask")
 AGREE = "agree"
 
 
+def input_keys(batch: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """The keys of a (padded) pipeline batch the train step reads: the model's inputs and,
+    with data.augment_on_device, the step's augmentation inputs (pipeline.device_batch_keys)."""
+    return (*MODEL_INPUTS, *(k for k in pipeline.device_batch_keys() if k in batch))
+
+
 def model_inputs(batch: dict[str, np.ndarray], length: int | None = None) -> dict[str, np.ndarray]:
     """The arrays the model reads from an input-pipeline batch, padded to one frame length.
 
@@ -43,9 +49,7 @@ def model_inputs(batch: dict[str, np.ndarray], length: int | None = None) -> dic
         if jax.process_count() > 1 or length is not None:
             raise ValueError("packed batches are not yet agreed over several processes")
         return {k: batch[k] for k in clip_packing.PACKED_INPUTS}
-    # data.augment_on_device adds the step's augmentation inputs (pipeline.device_batch_keys).
-    extra = [k for k in pipeline.device_batch_keys() if k in batch]
-    batch = {k: batch[k] for k in (*MODEL_INPUTS, *extra)}
+    batch = {k: batch[k] for k in input_keys(batch)}
     if length is None and jax.process_count() > 1:
         length = int(
             np.asarray(multihost_utils.process_allgather(np.int32(batch["pose"].shape[1]))).max()

@@ -5,7 +5,6 @@ model) and on real recordings with MiniLM's weights."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,8 +12,7 @@ from flax import nnx
 from signclip_jax.data import clip_packing
 from signclip_jax.data.pose import load_features, pad_frames
 from signclip_jax.model import bert as bert_lib
-from signclip_jax.model.signclip import build_model, init_from_pretrained
-from tests.model.test_prefix_layout import mixed_batch, prompts
+from tests.model.test_prefix_layout import minilm_model, mixed_batch, prompts
 from tests.model.test_signclip import TINY_BERT, tiny_model
 
 MAX_DIFF = 1e-5  # fp32, pooled embeddings
@@ -128,12 +126,7 @@ def test_packed_training_forward_with_dropout_is_finite_and_differs_from_eval():
 # ------------------------------------------------------------------------ MiniLM weights
 @pytest.fixture(scope="module")
 def minilm():
-    cfg = ml_collections.ConfigDict(dict(text_model="minilm", video_layers=3, max_frames=256))
-    model = build_model(cfg, rngs=nnx.Rngs(0))
-    init_from_pretrained(model, "minilm")
-    from signclip_jax.data.text import load_tokenizer
-
-    return model, load_tokenizer("minilm")
+    return minilm_model()
 
 
 @pytest.mark.shared_data

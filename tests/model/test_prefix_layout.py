@@ -88,12 +88,18 @@ def test_generated_mixed_lengths_match_the_original_layout(projection, frames, t
     assert_same_embeddings(model, *batch)
 
 
-@pytest.fixture(scope="module")
-def minilm():
+def minilm_model():
+    """(model, tokenizer): MiniLM's text tower with 3 video layers, 256 frames (also
+    test_packed_layout's)."""
     cfg = ml_collections.ConfigDict(dict(text_model="minilm", video_layers=3, max_frames=256))
     model = build_model(cfg, rngs=nnx.Rngs(0))
     init_from_pretrained(model, "minilm")
     return model, load_tokenizer("minilm")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return minilm_model()
 
 
 def prompts(tok, n):

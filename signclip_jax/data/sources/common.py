@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
+import os
+import re
 from typing import Any
 
-from signclip_jax.errors import UserError
+from signclip_jax.errors import DataError, UserError
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
@@ -42,3 +45,25 @@ def make_record(
         "signer": signer,
         **pose,
     }
+
+
+# Undecodable bytes, as Python's surrogateescape error handler keeps them.
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
+def undecodable_byte(text: str) -> int | None:
+    """The first byte that is not UTF-8, kept in `text` by the surrogateescape handler, or
+    None: a bad row is that row's problem, named with its line, not the whole file's."""
+    m = _ESCAPED.search(text)
+    return None if m is None else ord(m.group()) - 0xDC00
+
+
+def read_text_bytes(path: str | os.PathLike, what: str) -> bytes:
+    """A text file's bytes without a UTF-8 byte-order mark (decode them per row, with
+    surrogateescape). Unreadable: DataError 'cannot read WHAT PATH: why'."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    return data[len(codecs.BOM_UTF8) :] if data.startswith(codecs.BOM_UTF8) else data

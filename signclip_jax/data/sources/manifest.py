@@ -8,17 +8,20 @@ every row bad) is rejected with its first problem's line.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
-from signclip_jax.data.sources.common import TEXT_KEYS, normalize_split
+from signclip_jax.data.sources.common import (
+    TEXT_KEYS,
+    normalize_split,
+    read_text_bytes,
+    undecodable_byte,
+)
 from signclip_jax.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -27,16 +30,8 @@ _POSE_KEYS = ("pose", "pose_path", "path", "file")
 _STRING_KEYS = ("sign_language", "spoken_language", "signer")
 # Bad rows logged one by one; the rest only in the count.
 _LOG_EACH = 5
-# Undecodable bytes, as Python's surrogateescape error handler keeps them.
-_ESCAPED = re.compile("[\udc80-\udcff]")
 
 Row = tuple[int, "dict[str, Any] | None", str]  # (line number, row or None, error)
-
-
-def _bad_byte(text: str) -> int | None:
-    """The first undecodable byte kept in `text` (surrogateescape), or None."""
-    m = _ESCAPED.search(text)
-    return None if m is None else ord(m.group()) - 0xDC00
 
 
 def _read_jsonl(data: bytes) -> list[Row]:
@@ -88,7 +83,7 @@ def _read_csv(data: bytes, path: str) -> list[Row]:
             continue
         if header is None:
             header = [h.strip() for h in row]
-            byte = _bad_byte("".join(header))
+            byte = undecodable_byte("".join(header))
             if byte is not None:
                 raise DataError(
                     f"manifest {path} line {start} (the header): not UTF-8 text (byte 0x{byte:02x})"
@@ -99,7 +94,7 @@ def _read_csv(data: bytes, path: str) -> list[Row]:
                     f"pose column ({', '.join(_POSE_KEYS)}); is it a CSV file with a header?"
                 )
             continue
-        bad = [(i, b) for i, b in enumerate(map(_bad_byte, row)) if b is not None]
+        bad = [(i, b) for i, b in enumerate(map(undecodable_byte, row)) if b is not None]
         if bad:
             i, byte = bad[0]
             where = f"column {header[i]!r}" if i < len(header) else f"field {i + 1}"
@@ -114,13 +109,7 @@ def _read_csv(data: bytes, path: str) -> list[Row]:
 def _read_manifest_rows(path: str) -> tuple[list[Row], str]:
     """[(line number, row dict or None, error)], format ("jsonl" or "csv")."""
     fmt = "jsonl" if path.endswith((".jsonl", ".json", ".ndjson")) else "csv"
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"cannot read manifest {path}: {e.strerror or e}") from None
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
+    data = read_text_bytes(path, "manifest")
     return (_read_jsonl(data) if fmt == "jsonl" else _read_csv(data, path)), fmt
 
 

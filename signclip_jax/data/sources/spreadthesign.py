@@ -5,18 +5,21 @@
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import logging
 import os
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from signclip_jax.data.sources.common import make_record, normalize_split
+from signclip_jax.data.sources.common import (
+    make_record,
+    normalize_split,
+    read_text_bytes,
+    undecodable_byte,
+)
 from signclip_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -32,9 +35,6 @@ PANDAS_NA_STRINGS = frozenset(
 )  # fmt: skip
 
 SPREADTHESIGN_COLUMNS = ("pose", "videoLanguage", "language", "text")
-
-# Undecodable bytes, as Python's surrogateescape error handler keeps them.
-_ESCAPED = re.compile("[\udc80-\udcff]")
 
 
 def generate_split_ids(
@@ -93,13 +93,7 @@ def _read_csv_rows(path: str | os.PathLike) -> tuple[list[list[str]], list[int]]
     Bytes that are not UTF-8 are kept as surrogate escapes (`_bad_byte` finds them), so one
     bad row is that row's problem (with its line), not the whole file's.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"cannot read metadata CSV {path}: {e.strerror or e}") from None
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
+    data = read_text_bytes(path, "metadata CSV")
     reader = csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
     rows, lines, end = [], [], 0
     while True:
@@ -121,9 +115,9 @@ def _read_csv_rows(path: str | os.PathLike) -> tuple[list[list[str]], list[int]]
 def _bad_byte(cells: Sequence[str]) -> str:
     """'' or 'not UTF-8 text (byte 0xe9)' when a cell holds an undecodable byte."""
     for cell in cells:
-        m = _ESCAPED.search(cell)
-        if m:
-            return f"not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02x})"
+        byte = undecodable_byte(cell)
+        if byte is not None:
+            return f"not UTF-8 text (byte 0x{byte:02x})"
     return ""
 
 
