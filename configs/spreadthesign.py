@@ -19,13 +19,18 @@ batch 448, Adam lr 5e-5 betas (0.9, 0.98), 1000 warm-up updates then polynomial 
   per bucket (cached across runs by compilation_cache_dir). The buckets are 2 frames short
   of multiples of 32 because [CLS] and [SEP] join the frames: 126 frames make 128 tokens,
   one attention-kernel tile, where 128 frames would spill 2 tokens into a second one.
+
+`:packed` packs several clips per row (data.packing) instead of padding each: the batches
+stay the original's random ones and the embeddings and loss are the same as padded
+(tests/train/test_packing.py); buckets and length grouping are then off. `:fast,packed`
+combines it with bf16.
 """
 
 from signclip_jax.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, fast=False, batch_size=448)
+    arg = parse_arg(arg, runlocal=False, fast=False, packed=False, batch_size=448)
     c = base_config()
     c.batch_size = arg.batch_size
     if arg.fast:
@@ -33,6 +38,10 @@ def get_config(arg=None):
         c.model.attention = "auto"
         c.data.length_buckets = (62, 94, 126, 158, 190, 222)
         c.data.length_group_batches = 32
+    if arg.packed:
+        c.data.packing = True
+        c.data.length_buckets = ()
+        c.data.length_group_batches = 0
     if arg.runlocal:
         c.batch_size = 8
         c.total_steps = 3

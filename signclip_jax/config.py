@@ -264,6 +264,16 @@ def base_config() -> ml_collections.ConfigDict:
     # and draws each clip's resampled frame count (same distributions as data/augment.py, exact
     # resume, other random draws than it). False: augment on the host, in the grain workers.
     c.data.augment_on_device = True
+    # Clip packing (data/clip_packing.py): several clips share a row of the video tower, so
+    # attention and the layers run on real frames instead of padding (the same embeddings and
+    # loss; random batches stay random). The host sends each batch's clips and the rows'
+    # slots; the step packs them after its augmentation. Each (rows, caption length) pair is
+    # one compiled program: rows are rounded up to packing_row_multiple, captions to
+    # packing_text_multiple tokens. Use it without length_buckets (they only add programs).
+    c.data.packing = False
+    c.data.packing_row_len = 0  # tokens per row; 0: max_frames + 2 (one full clip)
+    c.data.packing_row_multiple = 8
+    c.data.packing_text_multiple = 8
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "signclip"  # signclip | clip | siglip

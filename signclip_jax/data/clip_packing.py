@@ -35,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from signclip_jax.errors import UserError
@@ -304,15 +306,124 @@ def microbatch_major(batch: Mapping[str, np.ndarray], microbatches: int) -> dict
     return {k: stack(v) for k, v in batch.items()}
 
 
+# ---------------------------------------------------------------------------------------------
+# Packing inside the train step (data.packing): the host sends the padded clips and where each
+# slot's token comes from; the step gathers the rows after its own augmentation, which may
+# shorten clips (frame dropout), so the host cannot write the rows itself.
+
+# Host keys of a batch that the step packs (`pack_on_device`): besides pose / pose_mask.
+SLOT_KEYS = ("packed_clip", "packed_offset", "packed_segments", "clip_row", "clip_segment")
+
+
+def is_slotted(batch: Mapping) -> bool:
+    """Whether a batch carries the slot arrays the train step packs (`device_slots`)."""
+    return "packed_clip" in batch
+
+
+def device_slots(
+    frames: np.ndarray,
+    *,
+    row_len: int,
+    max_frames: int,
+    shards: int = 1,
+    microbatches: int = 1,
+    row_multiple: int = 1,
+    rows: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The slot arrays of clips with at most `frames` [B] frames each (after the step's
+    augmentation they may have fewer): `layout`'s arrays plus, per slot, its clip and offset.
+
+      packed_clip     [R, T] int32  the slot's clip, counted inside its batch shard (0 at padding)
+      packed_offset   [R, T] int32  the slot's place in its clip: 0 [CLS], 1..n frames, n+1 [SEP]
+      packed_segments [R, T] int32  as `layout` (0 = padding)
+      clip_row, clip_segment [B] int32  as `layout`
+
+    Each batch shard's rows hold only that shard's clips, so `pack_on_device` gathers inside
+    each shard. Arguments as `layout`.
+    """
+    frames = np.asarray(frames, np.int64)
+    lay = layout(
+        frames, row_len=row_len, max_frames=max_frames, shards=shards,
+        microbatches=microbatches, row_multiple=row_multiple, rows=rows,
+    )  # fmt: skip
+    per_shard = max(frames.size // shards, 1)
+    packed_clip = np.zeros((lay.rows, row_len), np.int32)
+    packed_offset = np.zeros((lay.rows, row_len), np.int32)
+    for c, n in enumerate(frames):
+        r, s = int(lay.batch_row[c]), int(lay.clip_start[c])
+        packed_clip[r, s : s + n + 2] = c % per_shard
+        packed_offset[r, s : s + n + 2] = np.arange(n + 2)
+    return {
+        "packed_clip": packed_clip,
+        "packed_offset": packed_offset,
+        "packed_segments": lay.segments,
+        "clip_row": lay.clip_row,
+        "clip_segment": lay.clip_segment,
+    }
+
+
+def pack_on_device(batch: Mapping[str, jax.Array], *, max_frames: int, shards: int) -> dict:
+    """A padded batch with slot arrays (`device_slots`) -> the packed batch (module doc).
+    Traceable: runs inside the jitted train step, after the augmentation.
+
+    pose [B, L, D], pose_mask [B, L] (valid prefix: clip c has n_c frames, at most what the
+    slots were sized for) -> packed_pose [R, T, D], packed_segments [R, T] (the slots past a
+    shortened clip's [SEP] become padding), packed_positions [R, T]. Other keys pass through.
+    The gather runs per batch shard (a leading axis of `shards`, which the batch sharding
+    splits), so no clip moves between devices.
+    """
+    pose, mask = jnp.asarray(batch["pose"]), jnp.asarray(batch["pose_mask"])
+    b, length, dim = pose.shape
+    clip = jnp.asarray(batch["packed_clip"], jnp.int32)
+    offset = jnp.asarray(batch["packed_offset"], jnp.int32)
+    segments = jnp.asarray(batch["packed_segments"], jnp.int32)
+    r, t = segments.shape
+    if b % shards or r % shards:
+        raise ValueError(f"{b} clips and {r} rows do not split into {shards} batch shards")
+    frames = jnp.sum(mask, axis=1).astype(jnp.int32)
+
+    def per_shard(pose_s, frames_s, clip_s, offset_s):  # [B/S, L, D], [B/S], [R/S, T] x 2
+        n = frames_s[clip_s]  # the slot's clip's frames
+        frame = jnp.take_along_axis(
+            pose_s.reshape(-1, dim),
+            (clip_s * length + jnp.clip(offset_s - 1, 0, length - 1)).reshape(-1, 1),
+            axis=0,
+        ).reshape(*clip_s.shape, dim)
+        return frame, n
+
+    frame, n = jax.vmap(per_shard)(
+        pose.reshape(shards, b // shards, length, dim),
+        frames.reshape(shards, b // shards),
+        clip.reshape(shards, r // shards, t),
+        offset.reshape(shards, r // shards, t),
+    )
+    frame, n = frame.reshape(r, t, dim), n.reshape(r, t)
+    real = segments > 0
+    is_frame = real & (offset >= 1) & (offset <= n)
+    is_sep = real & (offset == n + 1)
+    keep = real & (offset <= n + 1)
+    out = {k: v for k, v in batch.items() if k not in (*PADDED_POSE_KEYS, *SLOT_KEYS)}
+    out["packed_pose"] = jnp.where(is_frame[..., None], frame, jnp.zeros((), pose.dtype))
+    out["packed_segments"] = jnp.where(keep, segments, 0)
+    out["packed_positions"] = jnp.where(is_sep, max_frames + 1, jnp.where(keep, offset, 0))
+    out["clip_row"] = jnp.asarray(batch["clip_row"], jnp.int32)
+    out["clip_segment"] = jnp.asarray(batch["clip_segment"], jnp.int32)
+    return out
+
+
 __all__ = [
     "PACKED_INPUTS",
+    "SLOT_KEYS",
     "Layout",
+    "device_slots",
     "first_fit_decreasing",
     "frame_counts",
     "is_packed",
+    "is_slotted",
     "layout",
     "microbatch_major",
     "pack_batch",
+    "pack_on_device",
     "rows_needed",
     "text_length",
     "trim_text",

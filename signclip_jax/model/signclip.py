@@ -312,6 +312,7 @@ def segment_mean(
     weights: jax.Array,
     clip_row: jax.Array,
     clip_segment: jax.Array,
+    shards: int = 1,
 ) -> jax.Array:
     """Per-clip weighted mean of packed rows, in fp32: hidden [R, T, H], segments [R, T] int
     (0 = padding), weights [R, T] (0/1), clip_row / clip_segment [C] int -> [C, H] in clip
@@ -320,7 +321,24 @@ def segment_mean(
     Each token is mapped to its clip through a table indexed by (row, segment id), whose
     size is static (segment ids are < T + 1), then summed per clip (segment_sum). The
     denominator is floored at 1, as in `masked_mean`.
+
+    shards: the batch's device shards (data/clip_packing.py): block d of the rows holds
+    exactly block d of the clips, so each block is pooled on its own (a leading shard axis
+    that the batch sharding splits), and no hidden state moves between devices.
     """
+    if shards > 1:
+        r, c = segments.shape[0], clip_row.shape[0]
+        if r % shards or c % shards:
+            raise ValueError(f"{r} rows and {c} clips do not split into {shards} batch shards")
+
+        def blocks(x):
+            return x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
+
+        pooled = jax.vmap(segment_mean)(
+            blocks(hidden), blocks(segments), blocks(weights),
+            blocks(clip_row % (r // shards)), blocks(clip_segment),
+        )  # fmt: skip
+        return pooled.reshape(c, -1)
     r, t = segments.shape
     c = clip_row.shape[0]
     slots = t + 1  # segment ids are 0..T
@@ -420,9 +438,10 @@ class SignCLIP(nnx.Module):
         positions: jax.Array,
         clip_row: jax.Array,
         clip_segment: jax.Array,
+        shards: int = 1,
     ) -> jax.Array:
         """Packed rows (data/clip_packing.py) -> the clips' embeddings [C, H] float32, in clip
-        order; equal to `embed_pose` of the same clips unpacked.
+        order; equal to `embed_pose` of the same clips unpacked. shards: `segment_mean`.
 
         pose [R, T, D] (frames at their slots), segments [R, T] int (0 = padding, k = the
         row's k-th clip), positions [R, T] int ([CLS] 0, frames 1..n, [SEP] max_frames + 1,
@@ -447,7 +466,7 @@ class SignCLIP(nnx.Module):
         hidden = bert(None, segment_ids=segments, inputs_embeds=embeds, position_ids=positions)
         pooled = segment_mean(
             hidden, segments, is_frame | is_sep, jnp.asarray(clip_row, jnp.int32),
-            jnp.asarray(clip_segment, jnp.int32),
+            jnp.asarray(clip_segment, jnp.int32), shards,
         )  # fmt: skip
         return self._project(pooled, self.video_projection)
 
@@ -463,17 +482,19 @@ class SignCLIP(nnx.Module):
         weights = (index >= 1) & (index < lengths[:, None])  # [CLS] out, final [SEP] in
         return self._project(masked_mean(hidden, weights), self.text_projection)
 
-    def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, batch: Mapping[str, jax.Array], *, shards: int = 1
+    ) -> tuple[jax.Array, jax.Array]:
         """batch {"pose" [B,L,D], "pose_mask" [B,L], "text_ids" [B,S], "text_mask" [B,S]}
         -> (pose embeddings [B, H], text embeddings [B, H]).
 
         A packed batch (data/clip_packing.py: "packed_pose" [R,T,D], "packed_segments",
         "packed_positions" [R,T], "clip_row", "clip_segment" [B], captions as above) gives
-        the same two [B, H] arrays."""
+        the same two [B, H] arrays; `shards`: its batch shards (`segment_mean`)."""
         if "packed_pose" in batch:
             pose = self.embed_pose_packed(
                 batch["packed_pose"], batch["packed_segments"], batch["packed_positions"],
-                batch["clip_row"], batch["clip_segment"],
+                batch["clip_row"], batch["clip_segment"], shards,
             )  # fmt: skip
         else:
             pose = self.embed_pose(batch["pose"], batch["pose_mask"])

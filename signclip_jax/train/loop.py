@@ -173,12 +173,16 @@ def _train(config, workdir: str) -> dict[str, Any]:
     progress = Progress(total_steps, config.batch_size, start_step=start)
     last: dict[str, Any] = {}
     step = start
+    # data.packing: the host sends each batch's clips with the slots of packed rows, and the
+    # step packs them after augmenting (train/step.py, InputLayout).
+    layout = train_step_lib.InputLayout.from_config(config, mcfg.max_frames, shards // n_procs)
     inputs = _Inputs(
         train_iter,
         lambda batch: sharding.shard_batch(batch, mesh, batch_axes),
         first=start + 1,
         last=total_steps,
         process_count=n_procs,
+        layout=layout,
     )
     with preemption.PreemptionGuard() as guard:
         while step < total_steps:
@@ -256,10 +260,7 @@ class _Fetched:
     batch: dict[str, np.ndarray]  # model inputs at this process's own padded length
     state: Any  # the iterator's state after this batch (what a checkpoint at its step saves)
     stats: dict[str, float]  # pipeline.bad_example_stats after this batch
-
-    @property
-    def length(self) -> int:
-        return int(self.batch["pose"].shape[1])
+    sizes: tuple[int, ...]  # InputLayout.sizes: what the processes agree on
 
 
 class _Inputs:
@@ -270,16 +271,17 @@ class _Inputs:
     ahead of the steps: `consumed` keeps its state and counters as of the last dispatched
     step's batch, which is what logs and checkpoints record (a resume replays exactly).
 
-    Several processes must agree on each batch's padded length (each process's length bucket
-    comes from its own rows) and on stopping (a signal may reach one process only), without
-    a host collective per step: that would make the host wait for the device every step.
-    Both ride in the step itself: batch k carries rows AGREE = [stop requested, this
-    process's own length of batch k+2], and the step returns their maximum over every
+    Several processes must agree on each batch's sizes (InputLayout.sizes: the padded
+    length, as each process's length bucket comes from its own rows; with packing also the
+    row count and caption length) and on stopping (a signal may reach one process only),
+    without a host collective per step: that would make the host wait for the device every
+    step. Both ride in the step itself: batch k carries rows AGREE = [stop requested, this
+    process's own sizes of batch k+2], and the step returns their maximum over every
     process's rows. That result of step k-1 is read once step k is queued, so the device
-    never idles while the host waits; it gives the common length of batch k+1, just in time
+    never idles while the host waits; it gives the common sizes of batch k+1, just in time
     to put it on the device, and the stop decision after step k (a signal stops every
     process within two steps). One host all-gather at start-up agrees on the first two
-    batches. A single process needs none of this: its own length and flag are the agreed ones.
+    batches. A single process needs none of this: its own sizes and flag are the agreed ones.
     """
 
     def __init__(
@@ -291,15 +293,18 @@ class _Inputs:
         last: int,
         process_count: int,
         allgather_max: Callable[[np.ndarray], np.ndarray] | None = None,
+        layout: train_step_lib.InputLayout | None = None,
     ):
         """`first`..`last`: the steps to feed. `shard`: host batch -> device batch
-        (sharding.shard_batch). `allgather_max`: [n] int32 -> its elementwise maximum over
-        all processes (default: multihost_utils.process_allgather; called once, here)."""
+        (sharding.shard_batch). `allgather_max`: [n, k] int32 -> its elementwise maximum over
+        all processes (default: multihost_utils.process_allgather; called once, here).
+        `layout`: padded (default) or packed inputs."""
         self.iterator, self.shard, self.last = iterator, shard, last
+        self.layout = layout or train_step_lib.InputLayout()
         self.multi = process_count > 1
         self.consumed: _Fetched | None = None
         self._host: dict[int, _Fetched] = {}  # fetched, not yet dispatched
-        self._lengths: dict[int, int] = {}  # agreed padded length per step
+        self._sizes: dict[int, tuple[int, ...]] = {}  # agreed sizes per step
         self._device: dict[int, dict[str, Any]] = {}  # on the device, not yet dispatched
         self._pending: Any = None  # metrics[AGREE] of the latest step, read after the next
         if first > last:
@@ -309,8 +314,8 @@ class _Inputs:
             for k in ahead:
                 self._fetch(k)
             gather = allgather_max or _allgather_max
-            agreed = gather(np.array([self._host[k].length for k in ahead], np.int32))
-            self._lengths.update(zip(ahead, (int(n) for n in agreed)))
+            agreed = gather(np.array([self._host[k].sizes for k in ahead], np.int32))
+            self._sizes.update((k, tuple(int(n) for n in row)) for k, row in zip(ahead, agreed))
         self._put(first)
 
     def batch(self, step: int, *, stop_requested: bool = False) -> dict[str, Any]:
@@ -318,11 +323,11 @@ class _Inputs:
         device = self._device.pop(step)
         self.consumed = self._host.pop(step)
         if self.multi:
-            # This process's say on later steps: its stop flag, its length of batch step+2.
+            # This process's say on later steps: its stop flag, its sizes of batch step+2.
             ahead = step + 2
-            length = self._fetch(ahead).length if ahead <= self.last else 0
+            sizes = self._fetch(ahead).sizes if ahead <= self.last else self._no_sizes()
             rows = len(self.consumed.batch["pose"])
-            agree = np.tile(np.array([int(stop_requested), length], np.int32), (rows, 1))
+            agree = np.tile(np.array([int(stop_requested), *sizes], np.int32), (rows, 1))
             device = {**device, **self.shard({train_step_lib.AGREE: agree})}
         return device
 
@@ -334,11 +339,11 @@ class _Inputs:
         if self.multi:
             agreed, self._pending = self._pending, metrics.pop(train_step_lib.AGREE)
             stop = False
-            if agreed is not None:  # step-1's: the flags at its dispatch, batch step+1's length
-                flag, length = (int(v) for v in np.asarray(agreed))
+            if agreed is not None:  # step-1's: the flags at its dispatch, batch step+1's sizes
+                flag, *sizes = (int(v) for v in np.asarray(agreed))
                 stop = bool(flag)
                 if step + 1 <= self.last:
-                    self._lengths[step + 1] = length
+                    self._sizes[step + 1] = tuple(sizes)
         if not stop and step + 1 <= self.last:
             self._put(step + 1)
         return stop
@@ -346,17 +351,23 @@ class _Inputs:
     def _fetch(self, step: int) -> _Fetched:
         if step not in self._host:
             batch = next(self.iterator)
+            inputs = {k: batch[k] for k in train_step_lib.input_keys(batch)}
             self._host[step] = _Fetched(
-                {k: batch[k] for k in train_step_lib.input_keys(batch)},
+                inputs,
                 copy.deepcopy(self.iterator.get_state()),
                 pipeline.bad_example_stats(self.iterator),
+                self.layout.sizes(inputs),
             )
         return self._host[step]
 
+    def _no_sizes(self) -> tuple[int, ...]:
+        """Sizes of a batch past the last step: zeros, as many as a real batch has."""
+        return (0,) * (3 if self.layout.packing else 1)
+
     def _put(self, step: int) -> None:
         fetched = self._fetch(step)
-        length = self._lengths.pop(step, fetched.length)
-        self._device[step] = self.shard(train_step_lib.model_inputs(fetched.batch, length))
+        sizes = self._sizes.pop(step, fetched.sizes)
+        self._device[step] = self.shard(self.layout.inputs(fetched.batch, sizes))
 
 
 def _allgather_max(values: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from signclip_jax.data import clip_packing, pipeline
+from signclip_jax.errors import UserError
 from signclip_jax.train import grad_cache, losses, optim, sharding
 
 MODEL_INPUTS = ("pose", "pose_mask", "text_ids", "text_mask")
@@ -57,6 +58,84 @@ def model_inputs(batch: dict[str, np.ndarray], length: int | None = None) -> dic
     if length is not None and length != batch["pose"].shape[1]:
         batch = pipeline.pad_to_length(batch, length)
     return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLayout:
+    """How the train loop turns a host batch into the step's inputs (data.packing).
+
+    Padded: the batch's model inputs at one frame length. Packed: the same, with captions cut
+    to the batch's longest (rounded up to text_multiple), plus the slots of packed rows
+    (data/clip_packing.py, `device_slots`); the step gathers the rows after its augmentation.
+    `sizes(batch)` is what every process must agree on (their elementwise maximum): the
+    padded frame length, and for packing the row count and the caption length.
+    """
+
+    packing: bool = False
+    max_frames: int = 0
+    row_len: int = 0  # tokens per packed row (>= max_frames + 2)
+    row_multiple: int = 1
+    text_multiple: int = 8
+    shards: int = 1  # this process's batch shards
+    microbatches: int = 1
+
+    @classmethod
+    def from_config(cls, config, max_frames: int, local_shards: int) -> InputLayout:
+        """config.data.packing / packing_row_len (0: max_frames + 2) / packing_row_multiple /
+        packing_text_multiple; max_frames: the model's; local_shards: this process's."""
+        data = config.data
+        if not data.get("packing", False):
+            return cls()
+        row_len = int(data.get("packing_row_len", 0)) or max_frames + 2
+        if row_len < max_frames + 2:
+            raise UserError(
+                f"data.packing_row_len={row_len} is shorter than one full clip "
+                f"(max_frames + 2 = {max_frames + 2})"
+            )
+        return cls(
+            packing=True,
+            max_frames=int(max_frames),
+            row_len=row_len,
+            row_multiple=max(int(data.get("packing_row_multiple", 8)), 1),
+            text_multiple=max(int(data.get("packing_text_multiple", 8)), 1),
+            shards=int(local_shards),
+            microbatches=int(config.microbatches),
+        )
+
+    def clip_frames(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Frames per clip [B] as the step will see them, before its frame dropout: the
+        resampled count where the host drew one (device augmentation), at most max_frames."""
+        frames = clip_packing.frame_counts(batch["pose_mask"])
+        if "aug_frames" in batch:
+            drawn = np.asarray(batch["aug_frames"]).astype(np.int64)
+            frames = np.where(drawn > 0, drawn, frames)
+        return np.minimum(frames, self.max_frames)
+
+    def sizes(self, batch: dict[str, np.ndarray]) -> tuple[int, ...]:
+        """(frames,) padded; (frames, rows, caption tokens) packed."""
+        length = int(batch["pose"].shape[1])
+        if not self.packing:
+            return (length,)
+        rows = clip_packing.rows_needed(
+            self.clip_frames(batch), row_len=self.row_len, max_frames=self.max_frames,
+            shards=self.shards, microbatches=self.microbatches, row_multiple=self.row_multiple,
+        )  # fmt: skip
+        return length, rows, clip_packing.text_length(batch["text_mask"], self.text_multiple)
+
+    def inputs(
+        self, batch: dict[str, np.ndarray], sizes: tuple[int, ...] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The step's host arrays at the agreed `sizes` (default: this batch's own; with
+        several processes always pass the agreed ones)."""
+        if not self.packing:
+            return model_inputs(batch, None if sizes is None else sizes[0])
+        length, rows, text_len = sizes if sizes is not None else self.sizes(batch)
+        out = clip_packing.trim_text(model_inputs(batch, length), text_len)
+        slots = clip_packing.device_slots(
+            self.clip_frames(batch), row_len=self.row_len, max_frames=self.max_frames,
+            shards=self.shards, microbatches=self.microbatches, rows=rows,
+        )  # fmt: skip
+        return {**out, **slots}
 
 
 @dataclasses.dataclass
@@ -118,6 +197,8 @@ def make_train_step(
     batch_sharding = sharding.batch_sharding(mesh, batch_axes)
     loss_fn = losses.make_loss_fn(config.loss.name, mesh, batch_axes)
     base_rng = jax.random.key(config.seed)
+    shards = sharding.num_batch_shards(mesh, batch_axes)  # packed rows pool per shard
+    max_frames = int(model.config.max_frames)
 
     def embed_train(p, batch, rng):
         # Dropout keys depend only on (seed, step, microbatch): a resumed run replays exactly.
@@ -125,13 +206,15 @@ def make_train_step(
         m.train()
         if clip_packing.is_packed(batch):  # [1, ...] leaves: see train_step
             batch = {k: v[0] for k, v in batch.items()}
-        return m(batch)
+        return m(batch, shards=shards)
 
     def train_step(state, batch):
         batch = dict(batch)
         agree = batch.pop(AGREE, None)  # multi-process agreement rows, not model inputs
         if augment is not None and "pose_observed" in batch:  # data.augment_on_device
             batch = augment(batch, state["step"])
+        if clip_packing.is_slotted(batch):  # data.packing: the rows, from the augmented clips
+            batch = clip_packing.pack_on_device(batch, max_frames=max_frames, shards=shards)
         if clip_packing.is_packed(batch):
             # Leaves lead with R rows or B clips: stacked by microbatch ([M, ...]), they share
             # the leading size GradCache splits, and its microbatch m is clip_packing's.
@@ -223,4 +306,12 @@ def _copy(state):
     return jax.tree.map(lambda x: x, state)
 
 
-__all__ = ["AGREE", "MODEL_INPUTS", "TrainStep", "make_train_step", "model_inputs"]
+__all__ = [
+    "AGREE",
+    "MODEL_INPUTS",
+    "InputLayout",
+    "TrainStep",
+    "input_keys",
+    "make_train_step",
+    "model_inputs",
+]
