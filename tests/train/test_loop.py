@@ -259,6 +259,7 @@ config = tiny_config(Path({synthetic!r}))
 if {no_dropout}:
     config.model.hidden_dropout = 0.0
     config.model.attention_dropout = 0.0
+config.data.packing = {packing}
 {count_gathers}
 train.train(config, {workdir!r})
 {report_gathers}
@@ -281,10 +282,13 @@ multihost_utils.process_allgather = _counting
 _REPORT_GATHERS = 'print("LOOP_GATHERS", len(_loop_gathers), _loop_gathers, flush=True)'
 
 
-def _run_code(synthetic_dir, workdir, *, devices, no_dropout=False, count_gathers=False):
+def _run_code(
+    synthetic_dir, workdir, *, devices, no_dropout=False, count_gathers=False, packing=False
+):
     return _RUN.format(
         root=str(ROOT), synthetic=str(synthetic_dir), workdir=str(workdir), devices=devices,
-        no_dropout=no_dropout, count_gathers=_COUNT_GATHERS if count_gathers else "",
+        no_dropout=no_dropout, packing=packing,
+        count_gathers=_COUNT_GATHERS if count_gathers else "",
         report_gathers=_REPORT_GATHERS if count_gathers else "",
     )  # fmt: skip
 
@@ -317,12 +321,14 @@ def test_one_device_matches_eight_devices(tmp_path, synthetic_dir, straight_run)
 
 
 def test_two_processes_match_one_process(tmp_path, synthetic_dir):
-    """2 processes x 4 CPU devices on loopback (gloo) == 1 process x 8 devices.
+    """2 processes x 4 CPU devices on loopback (gloo), packed (data.packing) == 1 process x 8
+    devices, padded.
 
     Dropout is off: each process reads every other example of the shuffled stream, so the
     global batch holds the same examples in another row order; the loss does not depend on
-    row order, but dropout masks do. The processes' length buckets differ (data.length_buckets
-    with clips of 40-90 frames), and the loop agrees on them and on stopping with one host
+    row order, but dropout masks do (and packing lays tokens out differently). The processes'
+    length buckets, packed row counts and caption lengths differ (data.length_buckets with
+    clips of 40-90 frames), and the loop agrees on them and on stopping with one host
     all-gather at start-up, not one per step (it made two per step before).
     """
 
@@ -340,7 +346,14 @@ def test_two_processes_match_one_process(tmp_path, synthetic_dir):
             [
                 sys.executable,
                 "-c",
-                _run_code(synthetic_dir, multi, devices=4, no_dropout=True, count_gathers=True),
+                _run_code(
+                    synthetic_dir,
+                    multi,
+                    devices=4,
+                    no_dropout=True,
+                    count_gathers=True,
+                    packing=True,
+                ),
             ],
             cwd=ROOT,
             env=_subprocess_env(
