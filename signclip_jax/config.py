@@ -220,7 +220,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pose_dim = 609
     c.model.dtype = "float32"  # compute dtype; parameters are always float32
     c.model.remat = False
-    c.model.attention = "xla"  # xla | cudnn | auto (jax.nn.dot_product_attention implementation)
+    # xla | cudnn | auto (jax.nn.dot_product_attention implementation) | pallas (our flash
+    # kernel with attention dropout, model/flash_dropout.py: Triton on GPU, opt-in, unmeasured)
+    c.model.attention = "xla"
     c.model.pretrained = True  # initialise both towers from text_model's weights
 
     c.data = ml_collections.ConfigDict()

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from signclip_jax import extras
 from signclip_jax.data.text import hub_cached, hub_file, is_local, resolve_text_model
 from signclip_jax.errors import DataError, UserError
+from signclip_jax.model import attention_dropout, flash_dropout
 
 # --------------------------------------------------------------------------------------- config
 _ACTIVATIONS = {
@@ -366,7 +367,9 @@ def _attention_with_dropout(
     Under jax.checkpoint the backward pass recomputes the [B, N, S, S] logits, probabilities
     and dropout mask from q, k, v and the key instead of keeping them: about 2.5 GB per layer
     at batch 256 and 258 tokens, which made batch 256 run out of an 80 GB GPU, for ~1.5 % more
-    FLOPs. The mask is drawn exactly as nnx.Dropout draws it.
+    FLOPs. The mask is the counter-based hash of (seed from `key`, b, n, t, s)
+    (model/attention_dropout.py): a few integer ops per score that XLA fuses into the softmax,
+    instead of a materialised [B, N, S, S] array of threefry bits.
     """
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
     logits = logits / np.sqrt(q.shape[-1])
@@ -374,9 +377,7 @@ def _attention_with_dropout(
         mask = mask[:, None, None, :]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(key, p=keep_prob, shape=probs.shape)
-    probs = jax.lax.select(keep, probs / keep_prob, jnp.zeros_like(probs))
+    probs = attention_dropout.apply(probs, attention_dropout.seed_words(key), rate)
     return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
 
 
@@ -414,7 +415,16 @@ class BertSelfAttention(nnx.Module):
         b, s, _ = x.shape
         split = lambda t: t.reshape(b, s, self.num_heads, self.head_dim)
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        if self.dropout.deterministic or self.dropout.rate == 0.0:
+        if self.attention == "pallas":
+            # Our blockwise kernel (Triton on GPU), with or without dropout: the mask is the
+            # hash of (seed, b, n, t, s), recomputed in the backward pass, never stored.
+            train = not self.dropout.deterministic and self.dropout.rate > 0.0
+            rate = self.dropout.rate if train else 0.0
+            seed = attention_dropout.seed_words(self.dropout.rngs()) if train else None
+            ctx = flash_dropout.attention(
+                q, k, v, lengths=lengths, mask=mask, segments=segments, seed=seed, rate=rate
+            )
+        elif self.dropout.deterministic or self.dropout.rate == 0.0:
             # Fused kernels where available.
             ctx = _attention(
                 q, k, v, lengths=lengths, mask=mask, segments=segments,

@@ -49,7 +49,7 @@ from signclip_jax.model.bert import (
 )
 
 PROJECTIONS = ("none", "linear", "linear_l2")
-ATTENTIONS = ("xla", "cudnn", "auto")
+ATTENTIONS = ("xla", "cudnn", "auto", "pallas")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FRAME_MLP_LN_EPS = 1e-5  # torch.nn.LayerNorm default in VideoTokenMLP, not BERT's 1e-12
 
@@ -224,14 +224,14 @@ def _special_ids(section, bert_dict, text_model: str, tokenizer) -> tuple[int, i
 
 
 def _attention_impl(name: str, dtype) -> str | None:
-    """Config name -> `jax.nn.dot_product_attention(implementation=...)`.
+    """Config name -> the BERT attention kernel: a `jax.nn.dot_product_attention`
+    implementation, or "pallas" (model/flash_dropout.py: our flash kernel with the hash
+    dropout mask; Triton on GPU, Pallas interpret mode elsewhere, which is slow).
 
     "auto": cuDNN fused attention on GPU with a half-precision compute dtype, else XLA.
     """
-    if name == "xla":
-        return "xla"
-    if name == "cudnn":
-        return "cudnn"
+    if name in ("xla", "cudnn", "pallas"):
+        return name
     on_gpu = jax.default_backend() == "gpu"
     return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
 
