@@ -27,6 +27,15 @@ it, is imported only when that mode runs, so --help stays instant):
   python -m signclip_jax.bench lengths --bert=bert-base-cased --buckets=none \
       --buckets=62,94,126,158,190,222 --windows=1,8,32
 
+  suite   (suite.py) the prepared one-GPU run of issue 16: the recipe with the PyTorch twin
+          (compiled and eager), its Pallas-attention variant, padded vs packed on Spreadthesign
+          lengths, the host's clips/s per core, a 32,768-clip GradCache step; each part a
+          train / input run with its own budget under a wall-clock guard, one JSON per part
+          and DIR/suite.json with the judged targets (docs/bench/README.md).
+
+  python -m signclip_jax.bench suite --out=DIR          # one GPU, ~8 minutes
+  python -m signclip_jax.bench suite --smoke --out=DIR  # CPU, tiny model
+
 Shared: common.py (tables, comma lists, timing, memory), overrides.py (the training config a
 benchmark runs: --config, --bert, --config.KEY=VALUE / --set overrides, flags), plan.py (the
 Spreadthesign length model and the shapes of the timed batches).

@@ -67,6 +67,11 @@ def _add_input(sub) -> None:
         help="dtype of the batches' poses (data.pose_dtype; auto: the config's 16-bit "
         "model.dtype, else float32)",
     )  # fmt: skip
+    p.add_argument(
+        "--lengths", choices=("spreadthesign",),
+        help="resample each clip (nearest frame) to a length drawn from the Spreadthesign "
+        "length model (mean ~98 frames) before packing; generated clips are 40-90 frames",
+    )  # fmt: skip
     p.add_argument("--no_augment", action="store_true", help="skip temporal augmentation")
     p.add_argument("--text_model", default="minilm", help="tokenizer (folder, hub name, minilm)")
     p.add_argument(
@@ -153,6 +158,20 @@ def _add_train(sub) -> None:
         help="transformers attention implementation of the twin",
     )
     p.add_argument(
+        "--twin_compile", action="store_true",
+        help="also time the twin under torch.compile (first; then the eager twin within "
+        "--twin_budget_s); the faster one is the twin's row, its compile time apart",
+    )  # fmt: skip
+    p.add_argument(
+        "--twin_compile_backend", default="inductor",
+        help="torch.compile backend (inductor; aot_eager compiles in seconds, for smoke tests)",
+    )  # fmt: skip
+    p.add_argument(
+        "--twin_budget_s", type=float,
+        help="with --twin_compile: time the eager twin too only if the run so far leaves "
+        "room for it in this many seconds (default: always)",
+    )  # fmt: skip
+    p.add_argument(
         "--twin_threads", type=int,
         help="torch intra-op threads of the twin on CPU (default: torch's choice; 1 is far "
         "faster than spin-waiting threads on a loaded machine)",
@@ -217,9 +236,52 @@ def _add_lengths(sub) -> None:
     p.set_defaults(microbatches=None, dtype=None, attention=None, remat=False, seed=None)
 
 
+def _add_suite(sub) -> None:
+    p = sub.add_parser(
+        "suite",
+        help="the prepared one-GPU run: recipe + twin, Pallas attention, packing, a "
+        "32,768-clip GradCache step, the host; one JSON per part",
+        description="Runs the parts in order (recipe, pallas, packing, host, gradcache), each "
+        "a bench train / bench input run with its own time budget, under a wall-clock guard "
+        "that skips a part whose budget no longer fits. Writes DIR/PART.json as each part "
+        "ends and DIR/suite.json (device, versions, date, command, the issue's targets "
+        "marked met / not met / unmeasured). See docs/bench/README.md.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the JSON files")
+    p.add_argument(
+        "--cache", metavar="DIR",
+        help="persistent JAX compilation cache (default DIR/jax_cache)",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget_s", type=float, default=450.0,
+        help="wall-clock seconds for all parts; a part starts only if its budget fits",
+    )  # fmt: skip
+    p.add_argument(
+        "--part_budget", action="append", metavar="NAME=SECONDS",
+        help="one part's budget (repeatable; defaults in tools/bench/suite.py)",
+    )  # fmt: skip
+    p.add_argument(
+        "--parts", default="recipe,pallas,packing,host,gradcache",
+        help="the parts to run (comma list; they run in the default order)",
+    )  # fmt: skip
+    p.add_argument(
+        "--twin_compile", action=argparse.BooleanOptionalAction, default=True,
+        help="time the twin under torch.compile too (and the eager twin when time allows)",
+    )  # fmt: skip
+    p.add_argument(
+        "--twin_compile_backend",
+        help="torch.compile backend (default inductor; aot_eager with --smoke)",
+    )
+    p.add_argument(
+        "--smoke", action="store_true",
+        help="tiny BERT, batch 8, 32 frames, XLA opt level 0: every part on CPU in seconds",
+    )  # fmt: skip
+
+
 # name -> function adding the subcommand's parser; the module of the same name runs it.
 MODES: dict[str, Callable[[Any], None]] = {
-    "input": _add_input, "train": _add_train, "lengths": _add_lengths,
+    "input": _add_input, "train": _add_train, "lengths": _add_lengths, "suite": _add_suite,
 }  # fmt: skip
 
 
@@ -261,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     split_overrides(parser, args, extra)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for the JSON
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if hasattr(args, "workers") and isinstance(args.workers, str):
         args.workers = ints(
@@ -272,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     mode = importlib.import_module(f"{__package__}.{args.mode}")
     result = mode.run(args)
     mode.show(result)
-    if args.out:
+    if args.out and args.mode != "suite":  # the suite writes its folder itself
         files.write_json_atomic(args.out, result)
         print(f"wrote {args.out}")
+    elif args.out:
+        print(f"wrote {args.out}/suite.json and one JSON per part")
     sys.stdout.flush()
     return 0

@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from signclip_jax import config as config_lib
 from signclip_jax import files
 from signclip_jax.data import packing, pipeline, sources, text
 from signclip_jax.errors import UserError
+from signclip_jax.tools.bench import plan
 from signclip_jax.tools.bench.common import table
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,39 @@ class Cycled:
 
     def __repr__(self) -> str:
         return f"Cycled({self.source!r}, n={self.n})"
+
+
+class DrawnLengths:
+    """`source`'s records with each clip's frames resampled (nearest frame) to a length drawn
+    from the Spreadthesign length model (plan.py: median 89, mean ~98 frames), so that short
+    generated clips (40-90 frames) weigh like real ones. Record i's length is a function of
+    (seed, i); the records carry their points (the `.pose` reader then pays the file read and
+    this resampling, a few microseconds)."""
+
+    POSE_KEYS = ("pose_path", "pose_bytes", "pose", "points", "observed", "fps", "features")
+
+    def __init__(self, source, spec, *, seed: int = 0, max_frames: int = 256):
+        self.source, self.spec, self.seed, self.max_frames = source, spec, seed, max_frames
+        self.skipped = list(getattr(source, "skipped", []))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def length(self, index: int) -> int:
+        rng = np.random.default_rng([self.seed, index])
+        return int(plan.spreadthesign_lengths(rng, 1, self.max_frames)[0])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.source[index]
+        arr = pipeline.record_pose_array(record, self.spec)
+        n = self.length(index)
+        frames = (np.arange(n) * len(arr.points)) // n  # [n] nearest source frame
+        meta = {k: v for k, v in record.items() if k not in self.POSE_KEYS}
+        return {**meta, "id": str(record.get("id", index)), "points": arr.points[frames],
+                "observed": arr.observed[frames], "fps": arr.fps}  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"DrawnLengths({self.source!r}, spreadthesign)"
 
 
 def _children() -> dict[int, float] | None:
@@ -201,10 +236,18 @@ def uncompressed_copy(packed_dir: str, out: Path) -> str:
     return str(out)
 
 
+def cores_needed(step_rate: float, per_core: float) -> int:
+    """CPU cores (or worker processes) that feed `step_rate` samples/s when one delivers
+    `per_core` samples/s."""
+    return math.ceil(step_rate / per_core)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measures every reader, host- and device-augmented; the result dict."""
     if not args.step_rate > 0:
         raise UserError(f"--step_rate must be > 0 samples/s, got {args.step_rate:g}")
+    if args.lengths and args.shards:
+        raise UserError("--lengths changes the clips before they are packed: not with --shards")
     with contextlib.ExitStack() as stack:
         tmp = None
         if args.source == "synthetic" or not args.shards:
@@ -223,6 +266,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         distinct = min(n, len(pose_source))
         if n > len(pose_source):  # a few generated clips, read as n examples
             pose_source = Cycled(pose_source, n)
+        if args.lengths == "spreadthesign":
+            spec = settings.spec  # all frames: the drawn lengths go up to 256
+            pose_source = DrawnLengths(pose_source, type(spec)(spec.components, spec.include_z, 0))
+        mean_frames = None
+        if isinstance(pose_source, DrawnLengths):
+            mean_frames = float(np.mean([pose_source.length(i) for i in range(n)]))
 
         readers = {".pose files": pose_source}
         if args.shards:
@@ -257,7 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # How many worker processes (~CPU cores) keep one accelerator fed at --step_rate, from the
     # single-process per-example rate (the work a worker does, augmentation on the host).
     workers_needed = {
-        r["reader"]: math.ceil(args.step_rate / r["per_worker"])
+        r["reader"]: cores_needed(args.step_rate, r["per_worker"])
         for r in rows
         if r["what"] == "per-example work" and r["per_worker"] > 0
     }
@@ -267,12 +316,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for r in rows
         if r["what"] == "pipeline" and r["augment"] == "device" and r["workers"] == 0
     }
-    cores = {k: math.ceil(args.step_rate / v) for k, v in per_core.items() if v}
+    cores = {k: cores_needed(args.step_rate, v) for k, v in per_core.items() if v}
     return {
         "mode": "input",
         "source": args.source,
         "examples": n,
         "distinct_examples": distinct,
+        "lengths": args.lengths or "as stored",
+        "mean_frames": mean_frames,
         "batch_size": args.batch_size,
         "step_rate": args.step_rate,
         "per_core_samples_per_s": per_core,
@@ -300,6 +351,8 @@ def show(result: dict[str, Any]) -> None:
     load = machine.get("load_average")
     distinct = result.get("distinct_examples", result["examples"])
     cycling = f" cycling {distinct} clips" if distinct < result["examples"] else ""
+    if result.get("mean_frames") is not None:
+        cycling += f", {result['lengths']} lengths (mean {result['mean_frames']:.1f} frames)"
     print(
         f"input pipeline throughput ({result['examples']} examples{cycling}, "
         f"source {result['source']}, "

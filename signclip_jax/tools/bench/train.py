@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import gzip
 import json
 import logging
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -172,48 +170,34 @@ class JaxBench:
     def _packed_batches(
         self, padded: list[dict[str, Any]]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The same clips as `padded` (each step's poses, caption ids and lengths), packed
-        (data/clip_packing.py): the rows are gathered on the devices from the padded poses.
+        """The same clips as `padded` (each step's poses, caption ids and lengths), as the
+        trainer's data.packing feeds them (train/step.py, InputLayout): the padded poses, the
+        captions cut to the batch's longest and the slots of packed rows; the step gathers
+        the rows on the devices (clip_packing.pack_on_device), so its time is counted.
         Returns (device batches, per-step {"rows", "text_len", "useful_token_fraction"})."""
         plan, mcfg, args = self.plan, self.mcfg, self.args
-        shard = sharding.batch_sharding(self.mesh, self.batch_axes)
         row_len = args.pack_row_len or mcfg.max_frames + 2
         shards = sharding.num_batch_shards(self.mesh, self.batch_axes)
-
-        @functools.partial(jax.jit, out_shardings=shard)
-        def gather(pose, index):  # [B, L, D], [R, T] -> [R, T, D]
-            return jnp.take(pose.reshape(-1, pose.shape[-1]), index, axis=0)
-
         batches, info = [], []
         for step, source in enumerate(padded):
             frames = plan.lengths[step].astype(np.int64)
-            lay = clip_packing.layout(
+            slots = clip_packing.device_slots(
                 frames, row_len=row_len, max_frames=mcfg.max_frames, shards=shards,
                 microbatches=int(self.config.microbatches), row_multiple=args.pack_row_multiple,
             )  # fmt: skip
-            length = int(plan.padded[step])
-            index = np.zeros((lay.rows, row_len), np.int32)  # non-frame slots: zeroed anyway
-            for c, n in enumerate(frames):
-                first = int(lay.clip_start[c]) + 1
-                index[lay.batch_row[c], first : first + n] = c * length + np.arange(n)
             host_text = {
                 k: np.asarray(jax.device_get(source[k])) for k in ("text_ids", "text_mask")
             }
             text_len = clip_packing.text_length(host_text["text_mask"], args.text_multiple)
-            host = {
-                **clip_packing.trim_text(host_text, text_len),
-                "packed_segments": lay.segments,
-                "packed_positions": lay.positions,
-                "clip_row": lay.clip_row,
-                "clip_segment": lay.clip_segment,
-            }
+            host = {**clip_packing.trim_text(host_text, text_len), **slots}
             batch = sharding.shard_batch(host, self.mesh, self.batch_axes)
-            batch["packed_pose"] = gather(source["pose"], jnp.asarray(index))
+            batch["pose"], batch["pose_mask"] = source["pose"], source["pose_mask"]
             batches.append(batch)
+            segments = slots["packed_segments"]
             info.append({
-                "rows": lay.rows, "row_len": row_len, "text_len": text_len,
-                "useful_token_fraction": lay.useful_fraction(),
-                "useful_frame_fraction": float(frames.sum()) / lay.segments.size,
+                "rows": int(segments.shape[0]), "row_len": row_len, "text_len": text_len,
+                "useful_token_fraction": float((segments > 0).sum()) / segments.size,
+                "useful_frame_fraction": float(frames.sum()) / segments.size,
             })  # fmt: skip
         return batches, info
 
@@ -255,9 +239,12 @@ class JaxBench:
         mcfg, plan, args = self.mcfg, self.plan, self.args
         dtype = signclip_model.DTYPES[mcfg.dtype]
         attention = signclip_model._attention_impl(mcfg.attention, dtype)  # what "auto" chose
-        if mcfg.bert.attention_probs_dropout_prob > 0:
+        rate = mcfg.bert.attention_probs_dropout_prob
+        if attention == "pallas":  # model/flash_dropout.py, with or without dropout
+            attention = f"pallas flash kernel (attention dropout {rate})"
+        elif rate > 0:
             # Training with attention dropout runs the explicit softmax (bert.BertSelfAttention).
-            attention = f"explicit (attention dropout {mcfg.bert.attention_probs_dropout_prob})"
+            attention = f"explicit (attention dropout {rate})"
         runs = [self._prepare(layout) for layout in layouts]
         try:
             for run in runs:
@@ -292,7 +279,7 @@ class JaxBench:
                 step_flops = _step_flops(mcfg, plan)
             else:
                 step_flops = _packed_step_flops(mcfg, plan, run.packing)
-            pose = run.batches[0]["packed_pose" if run.packing else "pose"]
+            pose = run.batches[0]["pose"]
             rows.append({
                 "impl": "jax",
                 "layout": run.layout,
@@ -344,8 +331,11 @@ class _Run:
 def _shape_key(batch: dict[str, Any]) -> str:
     """What a compiled step is specialised on: the padded length, or a packed batch's rows
     and caption length."""
-    if clip_packing.is_packed(batch):
-        return f"{batch['packed_pose'].shape[0]} rows, text {batch['text_ids'].shape[1]}"
+    if clip_packing.is_slotted(batch):
+        return (
+            f"{batch['packed_clip'].shape[0]} rows, frames {batch['pose'].shape[1]}, "
+            f"text {batch['text_ids'].shape[1]}"
+        )
     return str(batch["pose"].shape[1])
 
 
@@ -498,6 +488,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seed": int(config.seed),
             "attention": args.twin_attention,
             "threads": args.twin_threads,
+            "compile": bool(getattr(args, "twin_compile", False)),
+            "compile_backend": getattr(args, "twin_compile_backend", "inductor"),
+            "budget_s": getattr(args, "twin_budget_s", None),
             "optimizer": {"lr": float(opt.lr), "b1": float(opt.b1), "b2": float(opt.b2),
                           "eps": float(opt.eps), "clip_norm": float(opt.clip_norm)},
         }  # fmt: skip
@@ -659,6 +652,18 @@ def show(result: dict[str, Any]) -> None:
     )
     if any(r.get("mfu") is None for r in rows):
         print("MFU: n/a where the device's peak FLOP/s is unknown (CPU)")
+    for r in result["results"]:
+        for v in r.get("variants") or []:  # the twin's eager and compiled runs
+            if "median_s" in v:
+                rate = result["batch"]["batch_size"] * result["timing"]["steps"] / v["median_s"]
+                compiled = v.get("compile_s") is not None
+                extra = f", compile {v['compile_s']:.1f} s" if compiled else ""
+                print(
+                    f"twin {v['variant']}: {rate:.2f} samples/s{extra}"
+                    + (" (the twin's row)" if v["variant"] == r.get("stronger") else "")
+                )
+            else:
+                print(f"twin {v['variant']}: {v.get('error') or v.get('skipped')}")
     if result["jax_over_twin"] is not None:
         print(f"JAX / twin samples/s: {result['jax_over_twin']:.2f}x")
     if result.get("packed_over_padded") is not None:

@@ -62,8 +62,7 @@ def test_cpu_seconds_counts_child_processes():
     before, counted = input_bench.cpu_seconds()
     assert counted
     spin = (
-        "import time\nt = time.process_time()\n"
-        "while time.process_time() - t < 0.5: pass\ninput()"
+        "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\ninput()"
     )
     child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE)
     try:
@@ -74,3 +73,39 @@ def test_cpu_seconds_counts_child_processes():
         assert input_bench.cpu_seconds()[0] - before >= 0.45
     finally:
         child.communicate(b"\n", timeout=30)
+
+
+def test_drawn_lengths_resample_clips_to_spreadthesign_lengths():
+    import numpy as np
+
+    from signclip_jax.data.pose import PoseSpec
+    from signclip_jax.tools.bench.plan import spreadthesign_lengths
+
+    spec = PoseSpec(max_frames=0)
+    p = spec.num_points
+    clips = [
+        {"id": f"c{i}", "text": "hello", "fps": 25.0,
+         "points": np.arange(t, dtype=np.float32)[:, None, None] * np.ones((1, p, 3), np.float32),
+         "observed": np.ones((t, p), bool)}
+        for i, t in enumerate((40, 90))
+    ]  # fmt: skip
+    src = input_bench.DrawnLengths(input_bench.Cycled(clips, 400), spec, seed=3)
+    lengths = [len(src[i]["points"]) for i in range(400)]
+    assert (
+        lengths
+        == [src.length(i) for i in range(400)]
+        == [len(src[i]["points"]) for i in range(400)]
+    )  # deterministic per (seed, index)
+    expected = [
+        int(spreadthesign_lengths(np.random.default_rng([3, i]), 1, 256)[0]) for i in range(400)
+    ]
+    assert lengths == expected and 85 < np.mean(lengths) < 110 and max(lengths) <= 256
+    r = src[1]  # 90 source frames -> its drawn length, each frame the nearest source frame
+    n = len(r["points"])
+    assert np.array_equal(r["points"][:, 0, 0], (np.arange(n) * 90) // n)
+    assert r["observed"].shape == (n, p) and r["text"] == "hello" and r["id"] == "c1"
+
+
+def test_input_lengths_refuses_packed_shards(tmp_path):
+    r = _run("input", "--lengths=spreadthesign", f"--shards={tmp_path}")
+    assert r.returncode == 2 and "--lengths" in r.stderr and "Traceback" not in r.stderr
