@@ -32,7 +32,7 @@ from safetensors import safe_open
 from signclip_jax import extras
 from signclip_jax.data.text import hub_cached, hub_file, is_local, resolve_text_model
 from signclip_jax.errors import DataError, UserError
-from signclip_jax.model import attention_dropout, flash_dropout
+from signclip_jax.model import attention_dropout, flash_dropout, hash_dropout, partition
 
 # --------------------------------------------------------------------------------------- config
 _ACTIVATIONS = {
@@ -260,7 +260,10 @@ class BertEmbeddings(nnx.Module):
         self.LayerNorm = LayerNorm(
             c.hidden_size, eps=c.layer_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
-        self.dropout = nnx.Dropout(c.hidden_dropout_prob, deterministic=True, rngs=rngs)
+        # the counter-hash mask (model/hash_dropout.py), keys from the same stream as nnx.Dropout
+        self.dropout = hash_dropout.HashDropout(
+            c.hidden_dropout_prob, deterministic=True, rngs=rngs
+        )
 
     def __call__(
         self, input_ids=None, *, inputs_embeds=None, position_ids=None, token_type_ids=None
@@ -332,7 +335,11 @@ def _attention(
         if kernel == "splash":
             from signclip_jax.model import splash  # Pallas: only where it runs
 
-            return splash.segment_attention(q, k, v, segments)
+            # Each device on its own rows (XLA does not partition Pallas calls).
+            return partition.per_shard(
+                lambda q, k, v, seg, row_offset: splash.segment_attention(q, k, v, seg),
+                [q, k, v, segments],
+            )
         return jax.nn.dot_product_attention(
             q, k, v, mask=segment_mask(segments), implementation=kernel
         )
@@ -354,6 +361,34 @@ def _attention(
     if implementation == "cudnn":
         m = jnp.broadcast_to(m, (b, 1, s, s))
     return jax.nn.dot_product_attention(q, k, v, mask=m, implementation=implementation)
+
+
+def _flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    lengths: jax.Array | None,
+    mask: jax.Array | None,
+    segments: jax.Array | None,
+    seed: jax.Array | None,
+    rate: float,
+) -> jax.Array:
+    """model.attention "pallas": flash_dropout.attention, each device on its own rows under a
+    batch-sharded step (model/partition.py), with the dropout mask of the global rows."""
+    given = {"lengths": lengths, "mask": mask, "segments": segments}
+    name = next((key for key, x in given.items() if x is not None), None)
+    sharded = [q, k, v] + ([given[name]] if name else [])
+    replicated = [] if seed is None else [seed]
+
+    def kernel(q, k, v, *rest, row_offset):
+        ids = {name: rest[0]} if name else {}
+        return flash_dropout.attention(
+            q, k, v, **ids, seed=rest[-1] if replicated else None, rate=rate,
+            row_offset=row_offset,
+        )  # fmt: skip
+
+    return partition.per_shard(kernel, sharded, replicated)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(5,))
@@ -421,7 +456,7 @@ class BertSelfAttention(nnx.Module):
             train = not self.dropout.deterministic and self.dropout.rate > 0.0
             rate = self.dropout.rate if train else 0.0
             seed = attention_dropout.seed_words(self.dropout.rngs()) if train else None
-            ctx = flash_dropout.attention(
+            ctx = _flash_attention(
                 q, k, v, lengths=lengths, mask=mask, segments=segments, seed=seed, rate=rate
             )
         elif self.dropout.deterministic or self.dropout.rate == 0.0:
@@ -474,7 +509,9 @@ class BertResidualOutput(nnx.Module):
         self.LayerNorm = LayerNorm(
             h, eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, deterministic=True, rngs=rngs)
+        self.dropout = hash_dropout.HashDropout(
+            config.hidden_dropout_prob, deterministic=True, rngs=rngs
+        )
 
     def __call__(self, h: jax.Array, residual: jax.Array) -> jax.Array:
         return self.LayerNorm(self.dropout(self.dense(h)).astype(jnp.float32) + residual)

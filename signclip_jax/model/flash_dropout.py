@@ -15,7 +15,8 @@ Rows are padded to a multiple of the tile sizes inside; those extra keys get -in
 
 On GPU the kernels lower through Pallas' Triton backend (tile sizes must be powers of 2, at
 least 16 there); elsewhere they run in interpret mode (slow: for tests). Not yet measured on a
-GPU. Under a sharded mesh a Pallas call is not partitioned by XLA (see model/splash.py).
+GPU. XLA does not partition a Pallas call: under a batch-sharded step each device runs it on
+its own rows (model/partition.py), with `row_offset` keeping the dropout mask global.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def _logits(q, k, qid, kid, s_idx, *, sm_scale, seq):
 def _row_hash(seed_ref):
     """hy of this program's (b, n) (grid axes 1 and 2). Read at the kernel's top level:
     interpret mode does not lower program_id inside loops."""
-    return ad.row_hash(seed_ref[0], seed_ref[1], pl.program_id(1), pl.program_id(2))
+    b = pl.program_id(1).astype(jnp.uint32) + seed_ref[2]  # + the shard's first row
+    return ad.row_hash(seed_ref[0], seed_ref[1], b, pl.program_id(2))
 
 
 def _keep_scale(seed1, hy, t_idx, s_idx, *, rate):
@@ -197,7 +199,7 @@ def _ids_row(seq):  # [B, S] ids
     return pl.BlockSpec((None, seq), lambda i, b, n: (b, 0))
 
 
-_SEED = pl.BlockSpec((2,), lambda i, b, n: (0,))
+_SEED = pl.BlockSpec((3,), lambda i, b, n: (0,))  # seed words, row offset
 
 
 def _forward(q, k, v, qid, kid, seed, *, rate, block_q, block_k, seq, sm_scale):
@@ -285,11 +287,14 @@ def attention(
     rate: float = 0.0,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    row_offset: jax.Array | int = 0,
 ) -> jax.Array:
     """Softmax attention with dropout on the probabilities. q, k, v [B, S, N, Hd] (bf16 or
     fp32); at most one of lengths [B] int (valid prefix), mask [B, S] bool (keys) and
     segments [B, S] int (packed rows); seed [2] uint32 (`attention_dropout.seed_words`), needed
     when rate > 0 -> [B, S, N, Hd] in q's dtype. Logits are scaled by 1/sqrt(Hd).
+    row_offset: the global index of row 0 (a batch shard's first row, model/partition.py):
+    the dropout mask hashes global rows, whatever the number of devices.
     """
     bsz, s, _, hd = q.shape
     if sum(x is not None for x in (lengths, mask, segments)) > 1:
@@ -313,6 +318,7 @@ def attention(
 
     qid, kid = (jnp.pad(x, ((0, 0), (0, pad)), constant_values=-1) for x in (qid, kid))
     seed = jnp.zeros((2,), jnp.uint32) if seed is None else jnp.asarray(seed, jnp.uint32)
+    seed = jnp.concatenate([seed, jnp.asarray(row_offset, jnp.uint32).reshape(1)])
     scale = float(1 / np.sqrt(hd))
     statics = (("block_q", block_q), ("block_k", block_k), ("seq", s), ("sm_scale", scale))
     # hashable, for custom_vjp's static arguments; the scale of the unpadded head dim

@@ -6,8 +6,8 @@ Splash works in [N, S, Hd] per example and in tiles of `BLOCK` tokens: rows are 
 multiple of it with segment 0 (padding attends to padding only) and cut back afterwards, so
 a TPU row length that is a multiple of 128 (e.g. data.packing_row_len = 384) wastes nothing.
 
-Not measured on a TPU here. Under a batch-sharded mesh a Pallas call is not partitioned by
-XLA; wrapping it in shard_map over the batch axes is the next step there.
+Not measured on a TPU here. XLA does not partition a Pallas call: under a batch-sharded step
+each device runs it on its own rows (model/partition.py, called from model/bert.py).
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ def _kernel(heads: int, seq: int, interpret: bool):
         block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b,
     )  # fmt: skip
     mask = sm.MultiHeadMask([sm.FullMask((seq, seq)) for _ in range(heads)])
-    return sk.make_splash_mha(
-        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+    # Concrete mask tables even when first built inside a trace: the kernel is cached and
+    # reused by later traces, which must not see another trace's values.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(
+            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from signclip_jax.data import clip_packing, pipeline
 from signclip_jax.errors import UserError
+from signclip_jax.model import partition
 from signclip_jax.train import grad_cache, losses, optim, sharding
 
 MODEL_INPUTS = ("pose", "pose_mask", "text_ids", "text_mask")
@@ -246,8 +247,17 @@ def make_train_step(
         }
         return new_state, metrics
 
+    def mesh_trace(fn):
+        """fn traced with the model's Pallas kernels run per batch shard (model/partition.py)."""
+
+        def traced(*args):
+            with partition.batch_sharded(mesh, batch_axes):
+                return fn(*args)
+
+        return traced
+
     step = jax.jit(
-        train_step,
+        mesh_trace(train_step),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
@@ -259,7 +269,7 @@ def make_train_step(
         return m(batch)
 
     embed = jax.jit(
-        embed_eval,
+        mesh_trace(embed_eval),
         in_shardings=(param_sharding, batch_sharding),
         out_shardings=sharding.replicated(mesh),
     )
@@ -270,7 +280,7 @@ def make_train_step(
         return m.embed_text(batch["text_ids"], batch["text_mask"])
 
     embed_text = jax.jit(
-        embed_text_eval,
+        mesh_trace(embed_text_eval),
         in_shardings=(param_sharding, batch_sharding),
         out_shardings=sharding.replicated(mesh),
     )
