@@ -138,7 +138,7 @@ def _add_train(sub) -> None:
         help="packed: captions are cut to the batch's longest, rounded up to this multiple",
     )  # fmt: skip
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="model.dtype")
-    p.add_argument("--attention", choices=("xla", "cudnn", "auto"), help="model.attention")
+    p.add_argument("--attention", choices=("xla", "cudnn", "auto", "pallas"), help="model.attention")
     p.add_argument("--remat", action="store_true", help="model.remat (per-layer)")
     p.add_argument("--microbatches", type=int, help="GradCache microbatches (config.microbatches)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
