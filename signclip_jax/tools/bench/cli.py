@@ -73,6 +73,10 @@ def _add_input(sub) -> None:
         "length model (mean ~98 frames) before packing; generated clips are 40-90 frames",
     )  # fmt: skip
     p.add_argument("--no_augment", action="store_true", help="skip temporal augmentation")
+    p.add_argument(
+        "--packed_only", action="store_true",
+        help="measure only the packed shards' pipelines (no .pose files, no per-example rows)",
+    )  # fmt: skip
     p.add_argument("--text_model", default="minilm", help="tokenizer (folder, hub name, minilm)")
     p.add_argument(
         "--step_rate", type=float, default=2000.0,
@@ -138,7 +142,9 @@ def _add_train(sub) -> None:
         help="packed: captions are cut to the batch's longest, rounded up to this multiple",
     )  # fmt: skip
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="model.dtype")
-    p.add_argument("--attention", choices=("xla", "cudnn", "auto", "pallas"), help="model.attention")
+    p.add_argument(
+        "--attention", choices=("xla", "cudnn", "auto", "pallas"), help="model.attention"
+    )
     p.add_argument("--remat", action="store_true", help="model.remat (per-layer)")
     p.add_argument("--microbatches", type=int, help="GradCache microbatches (config.microbatches)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")

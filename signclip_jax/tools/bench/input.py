@@ -287,9 +287,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 uncompressed_copy(packed_dir, tmp / "uncompressed")
             )
 
+        if getattr(args, "packed_only", False):
+            del readers[".pose files"]
         rows = []
         for label, src in readers.items():
-            if label != UNCOMPRESSED:
+            if label != UNCOMPRESSED and not getattr(args, "packed_only", False):
                 r = time_examples(src, data, tokenizer, n)
                 rows.append({"reader": label, "workers": 1, "what": "per-example work",
                              "augment": "host", **r})  # fmt: skip

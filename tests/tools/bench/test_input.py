@@ -109,3 +109,18 @@ def test_drawn_lengths_resample_clips_to_spreadthesign_lengths():
 def test_input_lengths_refuses_packed_shards(tmp_path):
     r = _run("input", "--lengths=spreadthesign", f"--shards={tmp_path}")
     assert r.returncode == 2 and "--lengths" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_input_packed_only_measures_the_packed_pipelines(tmp_path):
+    out = tmp_path / "bench.json"
+    r = _run(
+        "input", "--signs=2", "--signers=3", "--n=8", "--workers=0", "--batch_size=2",
+        "--batches=2", "--packed_only", f"--out={out}",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert {(x["what"], x["augment"], x["reader"]) for x in rows} == {
+        ("pipeline", "device", "packed shards"),
+        ("pipeline", "device", "packed shards (uncompressed)"),
+    }
+    assert ".pose files" not in r.stdout
