@@ -27,12 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from signclip_jax.model import attention_dropout as ad
 
 BLOCK_Q = 32  # query tile (GPU default; a tuning knob for the first GPU session)
 BLOCK_K = 32  # key tile
 _MASKED = float(np.finfo(np.float32).min)
+# Pallas' Triton backend on GPU (jax 0.10 would otherwise pick Mosaic GPU, whose copies need
+# warpgroup-sized blocks); num_warps / num_stages are tuning knobs for the first GPU session.
+_TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _interpret() -> bool:
@@ -223,6 +227,7 @@ def _forward(q, k, v, qid, kid, seed, *, rate, block_q, block_k, seq, sm_scale):
         out_specs=[_tile(block_q)(hd), _stats_tile(block_q), _stats_tile(block_q)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), stats, stats],
         interpret=_interpret(),
+        compiler_params=_TRITON,
         name="flash_dropout_forward",
     )(seed, qid, kid, q, k, v)
 
@@ -254,6 +259,7 @@ def _flash_bwd(rate, statics, residuals, do):
         out_specs=[_tile(block_k)(hd), _tile(block_k)(hd)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         interpret=_interpret(),
+        compiler_params=_TRITON,
         name="flash_dropout_dkdv",
     )(*args)
     q_tile, stats_tile = _tile(block_q)(hd), _stats_tile(block_q)
@@ -267,6 +273,7 @@ def _flash_bwd(rate, statics, residuals, do):
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=_interpret(),
+        compiler_params=_TRITON,
         name="flash_dropout_dq",
     )(*args)
     return dq, dk, dv, None, None, None
