@@ -40,6 +40,10 @@ def _kernel(heads: int, seq: int, interpret: bool):
         )
 
 
+def _interpret() -> bool:
+    return jax.default_backend() != "tpu"
+
+
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
     """Softmax attention block-diagonal by segment id. q, k, v [B, S, N, Hd], segments [B, S]
     int -> [B, S, N, Hd] in q's dtype (scores scaled by 1/sqrt(Hd), as dot_product_attention).
@@ -47,8 +51,7 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Ar
     _, s, n, hd = q.shape
     pad = (-s) % BLOCK
     total = s + pad
-    interpret = jax.default_backend() != "tpu"
-    kernel = _kernel(n, total, interpret)
+    kernel = _kernel(n, total, _interpret())
     scale = 1.0 / np.sqrt(hd)
 
     def heads_first(x):  # [B, S, N, Hd] -> [B, N, S + pad, Hd]
