@@ -54,11 +54,17 @@ def keep_scale(rate: float) -> float:
     return _LEVELS / (_LEVELS - threshold(rate))
 
 
+def counter_hash(seed0: jax.Array, seed1: jax.Array, x: jax.Array) -> jax.Array:
+    """Two keyed fmix32 rounds of a uint32 counter x (broadcasting): for a fixed seed a
+    bijection of uint32, so distinct counters never share a word."""
+    return _fmix32(_fmix32(jnp.asarray(x).astype(jnp.uint32) ^ seed0) + seed1)
+
+
 def row_hash(seed0: jax.Array, seed1: jax.Array, b: jax.Array, n: jax.Array) -> jax.Array:
     """The per-(batch row, head) word hy. seed0, seed1: the seed's uint32 words; b, n
     broadcastable ints (scalars inside a kernel)."""
     y = (jnp.asarray(b).astype(jnp.uint32) << 16) | jnp.asarray(n).astype(jnp.uint32)
-    return _fmix32(_fmix32(y ^ seed0) + seed1)
+    return counter_hash(seed0, seed1, y)
 
 
 def element_hash(seed1: jax.Array, hy: jax.Array, t: jax.Array, s: jax.Array) -> jax.Array:
@@ -104,6 +110,7 @@ def apply(probs: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
 __all__ = [
     "BITS",
     "apply",
+    "counter_hash",
     "element_hash",
     "keep_from_hash",
     "keep_mask",
