@@ -30,6 +30,7 @@ def tiny_config(synthetic_dir: Path, total_steps: int = 4):
     config.model.bert = dict(TINY_BERT)
     config.data.max_frames = 96
     config.data.synthetic_dir = str(synthetic_dir)
+    config.data.length_buckets = ()  # one compiled train/eval program per run (CI time)
     config.compilation_cache_dir = ""  # tests stay out of ~/.cache (test_train checks it)
     return config
 

@@ -245,23 +245,26 @@ def _cli(*args, timeout=300):
     )  # fmt: skip
 
 
-def test_cli_help_and_user_errors(tmp_path):
-    res = _cli("--help")
-    assert res.returncode == 0 and "--config.KEY=VALUE" in res.stdout
+def test_cli_help_and_user_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # in process: the parser's own help
+        ev.main(["--help"])
+    assert e.value.code == 0 and "--config.KEY=VALUE" in capsys.readouterr().out
+    # The entry module as a user runs it: exit 2, one line, no traceback.
     res = _cli(f"--workdir={tmp_path}")
     assert res.returncode == 2
     assert res.stderr.startswith("error:") and res.stderr.count("\n") == 1, res.stderr
-    assert "no checkpoints" in res.stderr
+    assert "no checkpoints" in res.stderr and "Traceback" not in res.stderr
 
 
-@pytest.mark.slow
-def test_cli_runs_end_to_end(tiny_workdir, tmp_path, evaluated):
-    res = _cli(
-        f"--workdir={tiny_workdir}", "--split=val", "--tasks=retrieval,zeroshot",
-        f"--out={tmp_path}", "--batch_size=8", "--no_plot", "--name=cli",
+def test_cli_runs_end_to_end(tiny_workdir, tmp_path, evaluated, capsys):
+    """The command's main(argv) in process (no second JAX start-up); the entry module's
+    exit codes are test_cli_help_and_user_errors'."""
+    code = ev.main(
+        [f"--workdir={tiny_workdir}", "--split=val", "--tasks=retrieval,zeroshot",
+         f"--out={tmp_path}", "--batch_size=8", "--no_plot", "--name=cli"]
     )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "retrieval (original definitions" in res.stdout
+    assert code == 0
+    assert "retrieval (original definitions" in capsys.readouterr().out
     saved = json.loads((tmp_path / "cli.json").read_text())
     want = evaluated[0]["retrieval"]
     for k in ("t2v/R@1", "t2v/P@1", "v2t/R@1", "v2t/MedianR", "std/v2t/R@1"):

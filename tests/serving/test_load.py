@@ -17,6 +17,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -210,13 +211,23 @@ def worker_rss(master: int) -> dict[int, int]:
 @pytest.fixture(scope="module")
 def load_server(tiny_workdir, tmp_path_factory):
     """2 workers x 8 threads, each on one CPU device (XLA_FLAGS of the test process dropped,
-    as a deployment would run), limits small enough that oversize bodies stay cheap."""
+    as a deployment would run), limits small enough that oversize bodies stay cheap.
+
+    It serves a copy of the tiny run whose config has no length buckets (data.length_buckets
+    = (), the base config's default): each worker warms up 2 pose programs instead of 8 (4
+    lengths x 2 row counts) before it is ready. Bucketing is not what this load is about
+    (tests/serving/test_server.py serves the tiny run as trained)."""
     log = tmp_path_factory.mktemp("load_log") / "server.log"
+    workdir = tmp_path_factory.mktemp("load_run") / "run"
+    shutil.copytree(tiny_workdir, workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    config["data"]["length_buckets"] = []
+    (workdir / "config.json").write_text(json.dumps(config, indent=2))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     limits = [f"--{k}={v}" for k, v in LIMITS.items()]
     proc, port = start_server(
-        [f"--workdir={tiny_workdir}", "--workers=2", "--threads=8", "--batch_size=2", *limits],
+        [f"--workdir={workdir}", "--workers=2", "--threads=8", "--batch_size=2", *limits],
         log,
         env,
     )

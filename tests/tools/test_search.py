@@ -5,11 +5,13 @@ equals a brute-force computation; another model is refused; usage errors are one
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -21,24 +23,52 @@ from signclip_jax.tools import search as search_cli
 from tests.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
+STEPS = 40  # the demo model's training steps (its one checkpoint)
+
+
+def train_demo(data: str, workdir: str) -> None:
+    """configs/demo.py:tiny on 4 synthetic signs x 3 signers (generated into `data`), 40
+    steps at a high learning rate, no temporal augmentation. No evaluator runs (search needs
+    only the checkpoint; the weights are the same with or without one)."""
+    from signclip_jax.train import loop as train_lib
+
+    config = tiny_config(Path(data), total_steps=STEPS)
+    config.optimizer.lr = 3e-3
+    config.optimizer.warmup_steps = 5
+    config.data.augment.temporal = False
+    config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = STEPS
+    config.evals = ml_collections.ConfigDict()
+    train_lib.train(config, workdir)
+
+
+_TRAIN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+from tests.tools import test_search
+test_search.train_demo(sys.argv[2], sys.argv[3])
+"""
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo data (configs/demo.py:tiny: 4 synthetic signs x 3 signers) and a tiny model
-    trained on it for 40 steps (~45 s on 2 cores), enough to tell the signs apart (each
-    prompt's best recording of its sign beats the others by >= 0.16 in cosine); plus a
-    manifest of the English rows (pose, text)."""
-    from signclip_jax.train import loop as train_lib
+    """The demo data and a tiny model trained on it (`train_demo`), enough to tell the signs
+    apart (each prompt's best recording of its sign beats the others by >= 0.15 in cosine);
+    plus a manifest of the English rows (pose, text) and its index.
 
+    Trained in a child process on one CPU device, as on a laptop: about half the time of the
+    8 virtual devices of the test process (one program to compile, no cross-device steps).
+    """
     data = tmp_path_factory.mktemp("demo_data")
     workdir = tmp_path_factory.mktemp("demo_run")
-    config = tiny_config(data, total_steps=40)
-    config.optimizer.lr = 3e-3
-    config.optimizer.warmup_steps = 5
-    config.data.augment.temporal = False
-    config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = 40
-    train_lib.train(config, str(workdir))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, "-c", _TRAIN, str(ROOT), str(data), str(workdir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in csv.DictReader(open(data / "metadata.csv")) if r["language"] == "en"]
     manifest = data / "manifest.csv"
     with open(manifest, "w", newline="") as f:
@@ -54,6 +84,12 @@ def demo(tmp_path_factory):
     return workdir, index, words, sign_of
 
 
+@pytest.fixture(scope="module")
+def demo_embedder(demo):
+    """The demo model through the library (one load and compile for the module's checks)."""
+    return embedder_lib.Embedder(run_lib.load_run(demo[0]), batch_size=8)
+
+
 def _query(*argv) -> dict:
     out = io.StringIO()
     with redirect_stdout(out):
@@ -61,14 +97,13 @@ def _query(*argv) -> dict:
     return json.loads(out.getvalue())
 
 
-def test_each_prompt_finds_its_sign_first(demo):
+def test_each_prompt_finds_its_sign_first(demo, demo_embedder):
     workdir, index_path, words, sign_of = demo
     assert len(words) == 4 and len(sign_of) == 12
     prompts = [f"<en> <ase> {word}" for word in words]
     # Every prompt, through the library (one model load) ...
     index = search_lib.load_index(index_path)
-    embedder = embedder_lib.Embedder(run_lib.load_run(workdir), batch_size=8)
-    _, rows = search_lib.search(index, embedder.embed_texts(prompts), k=1, backend="numpy")
+    _, rows = search_lib.search(index, demo_embedder.embed_texts(prompts), k=1, backend="numpy")
     assert [sign_of[str(index.files[r])] for r in rows[:, 0]] == words
     # ... and through the command line.
     got = _query(f"--index={index_path}", "--text", prompts[1], "--k=3", "--backend=numpy")
@@ -76,7 +111,7 @@ def test_each_prompt_finds_its_sign_first(demo):
     first = got["results"][0]
     assert sign_of[first["file"]] == words[1], got["results"]
     assert first["label"] == prompts[1] and first["rank"] == 1
-    assert got["model"]["checkpoint"] == str(workdir / "checkpoints" / "40")
+    assert got["model"]["checkpoint"] == str(workdir / "checkpoints" / str(STEPS))
     # A pose of the index finds itself first (cosine 1).
     pose = sorted(sign_of)[5]
     got = _query(f"--index={index_path}", "--pose", pose, "--k=2")
@@ -101,8 +136,8 @@ def _ap(order, relevant):
     return total / hits
 
 
-def test_evaluate_equals_brute_force(demo, tmp_path, capsys):
-    workdir, index_path, words, _ = demo
+def test_evaluate_equals_brute_force(demo, demo_embedder, tmp_path, capsys):
+    _, index_path, words, _ = demo
     out = tmp_path / "metrics.json"
     assert search_cli.main(["evaluate", f"--index={index_path}", "--k", "1", "2", "--json",
                             f"--out={out}"]) == 0  # fmt: skip
@@ -113,8 +148,7 @@ def test_evaluate_equals_brute_force(demo, tmp_path, capsys):
     e = index.embeddings / np.linalg.norm(index.embeddings, axis=1, keepdims=True)
     labels = list(index.labels)
     texts = [f"<en> <ase> {w}" for w in words]
-    embedder = embedder_lib.Embedder(run_lib.load_run(workdir), batch_size=8)
-    t = embedder.embed_texts(texts)
+    t = demo_embedder.embed_texts(texts)
     t = t / np.linalg.norm(t, axis=1, keepdims=True)
     n = len(labels)
     p2p_ap, p2p_p1, p2p_p2 = [], [], []
@@ -141,7 +175,8 @@ def test_evaluate_equals_brute_force(demo, tmp_path, capsys):
 
 def test_another_model_is_refused(demo, tiny_workdir):
     _, index, _, _ = demo
-    with pytest.raises(UserError, match=r"is not the one the index was built with, .*step 40"):
+    refused = rf"is not the one the index was built with, .*step {STEPS}"
+    with pytest.raises(UserError, match=refused):
         search_cli.main(["query", f"--index={index}", "--text", "x", f"--workdir={tiny_workdir}"])
     unlabelled = Path(index).with_name("plain.npz")
     pose = sorted((Path(index).parent / "poses").iterdir())[0]
@@ -156,7 +191,20 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def test_usage_errors(tmp_path):
+def _error(argv, capsys) -> str:
+    """search_cli.main(argv) in process -> its one user error: a parser error's stderr line
+    (exit 2), or a UserError's message (the entry module prints it as one line, exit 2)."""
+    try:
+        search_cli.main(argv)
+    except SystemExit as e:
+        assert e.code == 2, (argv, e.code)
+        return capsys.readouterr().err
+    except UserError as e:
+        return str(e)
+    raise AssertionError(f"{argv}: no error")
+
+
+def test_usage_errors(tmp_path, capsys):
     r = _cli("--help")
     assert r.returncode == 0 and "index" in r.stdout and "evaluate" in r.stdout
     r = subprocess.run([sys.executable, "-m", "signclip_jax", "search", "query", "--help"],
@@ -174,7 +222,12 @@ def test_usage_errors(tmp_path):
           f"--out={tmp_path / 'i.npz'}"], "matches no files"),
         (["evaluate", f"--index={bad}"], "not a search index"),
     ]  # fmt: skip
-    for argv, message in cases:
+    # Through the entry module (exit code, one line, no traceback): a parser error and a
+    # UserError; every case in process.
+    for argv, message in cases[:2]:
         r = _cli(*argv)
         assert r.returncode == 2 and message in r.stderr, (argv, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    for argv, message in cases:
+        error = _error(argv, capsys)
+        assert message in error and len(error.strip().splitlines()) == 1, (argv, error)

@@ -260,6 +260,7 @@ if {no_dropout}:
     config.model.hidden_dropout = 0.0
     config.model.attention_dropout = 0.0
 config.data.packing = {packing}
+config.data.length_buckets = {buckets}
 {count_gathers}
 train.train(config, {workdir!r})
 {report_gathers}
@@ -283,14 +284,25 @@ _REPORT_GATHERS = 'print("LOOP_GATHERS", len(_loop_gathers), _loop_gathers, flus
 
 
 def _run_code(
-    synthetic_dir, workdir, *, devices, no_dropout=False, count_gathers=False, packing=False
+    synthetic_dir,
+    workdir,
+    *,
+    devices,
+    no_dropout=False,
+    count_gathers=False,
+    packing=False,
+    buckets=(),
 ):
     return _RUN.format(
         root=str(ROOT), synthetic=str(synthetic_dir), workdir=str(workdir), devices=devices,
-        no_dropout=no_dropout, packing=packing,
+        no_dropout=no_dropout, packing=packing, buckets=buckets,
         count_gathers=_COUNT_GATHERS if count_gathers else "",
         report_gathers=_REPORT_GATHERS if count_gathers else "",
     )  # fmt: skip
+
+
+# Clips of 40-90 frames: the processes' length buckets differ from batch to batch.
+_BUCKETS = (48, 64, 80)
 
 
 def _logged_losses(workdir):
@@ -334,7 +346,8 @@ def test_two_processes_match_one_process(tmp_path, synthetic_dir):
 
     single = tmp_path / "single"
     result = subprocess.run(
-        [sys.executable, "-c", _run_code(synthetic_dir, single, devices=8, no_dropout=True)],
+        [sys.executable, "-c",
+         _run_code(synthetic_dir, single, devices=8, no_dropout=True, buckets=_BUCKETS)],
         cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -353,6 +366,7 @@ def test_two_processes_match_one_process(tmp_path, synthetic_dir):
                     no_dropout=True,
                     count_gathers=True,
                     packing=True,
+                    buckets=_BUCKETS,
                 ),
             ],
             cwd=ROOT,

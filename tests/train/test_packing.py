@@ -167,7 +167,9 @@ def _all(iterator, n):
 
 def _train_losses(tmp_path, synthetic, name, *, packing, augment_on_device):
     config = tiny_config(synthetic, total_steps=2)
-    config.batch_size, config.microbatches = 16, 2  # 8 shards x 2 microbatches
+    # 8 shards x 2 microbatches, 2 clips per (shard, microbatch); rows of 2 full clips.
+    config.batch_size, config.microbatches = 32, 2
+    config.data.packing_row_len = 2 * (config.data.max_frames + 2)
     config.model.hidden_dropout = config.model.attention_dropout = 0.0
     config.data.augment.frame_dropout_rate = 0.3
     config.data.augment.flip_prob = 0.5
@@ -195,7 +197,7 @@ def test_packed_training_gives_the_padded_losses(tmp_path, monkeypatch):
 
     monkeypatch.setattr(clip_packing, "pack_on_device", spy)
     packed = _train_losses(tmp_path, synthetic, "packed", packing=True, augment_on_device=True)
-    # The packed run packed: 16 clips in fewer rows (rounded up to 8, one per shard).
+    # The packed run packed: 32 clips in fewer rows (16: one per shard and microbatch).
     assert traced and all(rows < clips for clips, rows in traced), traced
     assert [r[0] for r in padded] == [r[0] for r in packed] and len(padded) >= 3
     for a, b in zip(padded, packed):
