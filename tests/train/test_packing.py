@@ -21,7 +21,7 @@ from signclip_jax.data import clip_packing, pipeline
 from signclip_jax.errors import UserError
 from signclip_jax.model.signclip import segment_mean
 from signclip_jax.train import loop as train_lib
-from signclip_jax.train import sharding
+from signclip_jax.train import preemption, sharding
 from signclip_jax.train import step as step_lib
 from tests.helpers import load_config, tiny_config
 from tests.model.test_prefix_layout import mixed_batch
@@ -165,7 +165,20 @@ def _all(iterator, n):
     return [next(iterator) for _ in range(n)]
 
 
-def _train_losses(tmp_path, synthetic, name, *, packing, augment_on_device):
+class _StopAtFirstPoll:
+    """Stands in for PreemptionGuard: a SIGTERM before the first step, so the run saves its
+    first step and stops."""
+
+    requested = "SIGTERM"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _train_losses(tmp_path, synthetic, name, *, packing, augment_on_device, monkeypatch=None):
     config = tiny_config(synthetic, total_steps=2)
     # 8 shards x 2 microbatches, 2 clips per (shard, microbatch); rows of 2 full clips.
     config.batch_size, config.microbatches = 32, 2
@@ -177,6 +190,10 @@ def _train_losses(tmp_path, synthetic, name, *, packing, augment_on_device):
     config.data.packing = packing
     config.log_every_steps = 1
     workdir = tmp_path / name
+    if monkeypatch is not None:  # stopped after step 1, then resumed
+        with monkeypatch.context() as patch:
+            patch.setattr(preemption, "PreemptionGuard", _StopAtFirstPoll)
+            assert train_lib.train(config, str(workdir))["step"] == 1
     train_lib.train(config, str(workdir))
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"], r.get("grad_norm")) for r in rows]
@@ -185,7 +202,9 @@ def _train_losses(tmp_path, synthetic, name, *, packing, augment_on_device):
 @pytest.mark.slow
 def test_packed_training_gives_the_padded_losses(tmp_path, monkeypatch):
     """Device augmentation (the default) with frame dropout and flips, 8 shards x 2
-    microbatches: 2 steps packed give the padded run's losses and gradient norms."""
+    microbatches: 2 steps packed, stopped after the first and resumed, give the uninterrupted
+    padded run's losses and gradient norms (packing is a function of each batch, and the
+    batches resume exactly)."""
     synthetic = tmp_path / "synthetic"
     padded = _train_losses(tmp_path, synthetic, "padded", packing=False, augment_on_device=True)
     traced, pack = [], clip_packing.pack_on_device
@@ -196,7 +215,8 @@ def test_packed_training_gives_the_padded_losses(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(clip_packing, "pack_on_device", spy)
-    packed = _train_losses(tmp_path, synthetic, "packed", packing=True, augment_on_device=True)
+    packed = _train_losses(tmp_path, synthetic, "packed", packing=True, augment_on_device=True,
+                           monkeypatch=monkeypatch)  # fmt: skip
     # The packed run packed: 32 clips in fewer rows (16: one per shard and microbatch).
     assert traced and all(rows < clips for clips, rows in traced), traced
     assert [r[0] for r in padded] == [r[0] for r in packed] and len(padded) >= 3
