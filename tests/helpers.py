@@ -35,6 +35,26 @@ def tiny_config(synthetic_dir: Path, total_steps: int = 4):
     return config
 
 
+class StopAfter:
+    """Stands in for train/preemption.py's PreemptionGuard: reports a SIGTERM from poll n+1 on
+    (the loop polls once per step, so the run saves step n + 1 and stops)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.polls = 0
+
+    @property
+    def requested(self):
+        self.polls += 1
+        return "SIGTERM" if self.polls > self.n else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
 def write_pose(path: Path, frames: int, seed: int) -> Path:
     """A real .pose file (MediaPipe Holistic header, no world landmarks) of exactly `frames`."""
     data, conf = synthetic.random_clip(seed, min_frames=frames, max_frames=frames)

@@ -97,19 +97,24 @@ def keep_mask(seed: jax.Array, shape: tuple[int, int, int, int], rate: float) ->
     return keep_from_hash(element_hash(seed[1], hy, t, s), rate)
 
 
+def apply_keep(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+    """x where `keep`, scaled by `keep_scale(rate)`; 0 elsewhere (x's dtype)."""
+    scale = np.asarray(keep_scale(rate), x.dtype)
+    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
+
+
 def apply(probs: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
     """Dropout on attention probabilities [B, N, T, S] with the hash mask: kept entries are
     scaled by `keep_scale(rate)`, dropped ones are 0. rate 0 returns probs unchanged."""
     if rate == 0.0:
         return probs
-    keep = keep_mask(seed, probs.shape, rate)
-    scale = np.asarray(keep_scale(rate), probs.dtype)
-    return jnp.where(keep, probs * scale, jnp.zeros((), probs.dtype))
+    return apply_keep(probs, keep_mask(seed, probs.shape, rate), rate)
 
 
 __all__ = [
     "BITS",
     "apply",
+    "apply_keep",
     "counter_hash",
     "element_hash",
     "keep_from_hash",

@@ -20,7 +20,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from signclip_jax.model import attention_dropout as ad
@@ -61,9 +60,7 @@ def apply_nd(x: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
     `attention_dropout.keep_scale(rate)`, dropped ones 0. rate 0 returns x unchanged."""
     if rate == 0.0:
         return x
-    keep = keep_mask_nd(seed, x.shape, rate)
-    scale = np.asarray(ad.keep_scale(rate), x.dtype)
-    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
+    return ad.apply_keep(x, keep_mask_nd(seed, x.shape, rate), rate)
 
 
 class HashDropout(nnx.Module):

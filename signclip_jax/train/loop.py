@@ -325,7 +325,7 @@ class _Inputs:
         if self.multi:
             # This process's say on later steps: its stop flag, its sizes of batch step+2.
             ahead = step + 2
-            sizes = self._fetch(ahead).sizes if ahead <= self.last else self._no_sizes()
+            sizes = self._fetch(ahead).sizes if ahead <= self.last else self.layout.no_sizes()
             rows = len(self.consumed.batch["pose"])
             agree = np.tile(np.array([int(stop_requested), *sizes], np.int32), (rows, 1))
             device = {**device, **self.shard({train_step_lib.AGREE: agree})}
@@ -359,10 +359,6 @@ class _Inputs:
                 self.layout.sizes(inputs),
             )
         return self._host[step]
-
-    def _no_sizes(self) -> tuple[int, ...]:
-        """Sizes of a batch past the last step: zeros, as many as a real batch has."""
-        return (0,) * (3 if self.layout.packing else 1)
 
     def _put(self, step: int) -> None:
         fetched = self._fetch(step)

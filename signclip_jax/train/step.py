@@ -123,6 +123,10 @@ class InputLayout:
         )  # fmt: skip
         return length, rows, clip_packing.text_length(batch["text_mask"], self.text_multiple)
 
+    def no_sizes(self) -> tuple[int, ...]:
+        """The sizes of a batch past the last step: zeros, as many as `sizes` gives."""
+        return (0,) * (3 if self.packing else 1)
+
     def inputs(
         self, batch: dict[str, np.ndarray], sizes: tuple[int, ...] | None = None
     ) -> dict[str, np.ndarray]:
@@ -131,12 +135,27 @@ class InputLayout:
         if not self.packing:
             return model_inputs(batch, None if sizes is None else sizes[0])
         length, rows, text_len = sizes if sizes is not None else self.sizes(batch)
-        out = clip_packing.trim_text(model_inputs(batch, length), text_len)
+        out = model_inputs(batch, length)
+        return self.packed(self.clip_frames(batch), out, rows=rows, text_len=text_len)
+
+    def packed(
+        self,
+        frames: np.ndarray,
+        batch: dict[str, np.ndarray],
+        *,
+        rows: int | None = None,
+        text_len: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """`batch` (with text_ids / text_mask [B, S]) with its captions cut to `text_len`
+        (default: its longest, rounded up to text_multiple) and the slots of packed rows for
+        clips of `frames` [B] (`rows` of them; default: as few as fit)."""
+        if text_len is None:
+            text_len = clip_packing.text_length(batch["text_mask"], self.text_multiple)
         slots = clip_packing.device_slots(
-            self.clip_frames(batch), row_len=self.row_len, max_frames=self.max_frames,
-            shards=self.shards, microbatches=self.microbatches, rows=rows,
+            frames, row_len=self.row_len, max_frames=self.max_frames, shards=self.shards,
+            microbatches=self.microbatches, row_multiple=self.row_multiple, rows=rows,
         )  # fmt: skip
-        return {**out, **slots}
+        return {**clip_packing.trim_text(batch, text_len), **slots}
 
 
 @dataclasses.dataclass

@@ -27,7 +27,7 @@ from signclip_jax.errors import UserError
 from signclip_jax.evaluation import cli as evaluate_cli
 from signclip_jax.train import loop as train_lib
 from signclip_jax.train import preemption, sharding
-from tests.helpers import ROOT, load_config, tiny_config
+from tests.helpers import ROOT, StopAfter, load_config, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -41,25 +41,6 @@ def _params(workdir: Path, step: int):
 
 def _metrics(workdir: Path):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-class _StopAfter:
-    """Stands in for PreemptionGuard: reports a SIGTERM from poll n+1 on (polled once per step)."""
-
-    def __init__(self, n):
-        self.n = n
-        self.polls = 0
-
-    @property
-    def requested(self):
-        self.polls += 1
-        return "SIGTERM" if self.polls > self.n else None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +79,7 @@ def test_train_writes_workdir_and_resumes_exactly(
 
     # Stopped by a signal after 2 steps, then resumed: same parameters, bit for bit.
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(preemption, "PreemptionGuard", lambda: _StopAfter(1))
+    monkeypatch.setattr(preemption, "PreemptionGuard", lambda: StopAfter(1))
     first = train_lib.train(tiny_config(synthetic_dir), str(resumed))
     assert first["step"] == 2
     assert ckpt_lib.Checkpointer(resumed).all_steps() == [2]

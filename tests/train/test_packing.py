@@ -23,7 +23,7 @@ from signclip_jax.model.signclip import segment_mean
 from signclip_jax.train import loop as train_lib
 from signclip_jax.train import preemption, sharding
 from signclip_jax.train import step as step_lib
-from tests.helpers import load_config, tiny_config
+from tests.helpers import StopAfter, load_config, tiny_config
 from tests.model.test_prefix_layout import mixed_batch
 from tests.model.test_signclip import tiny_model
 
@@ -165,19 +165,6 @@ def _all(iterator, n):
     return [next(iterator) for _ in range(n)]
 
 
-class _StopAtFirstPoll:
-    """Stands in for PreemptionGuard: a SIGTERM before the first step, so the run saves its
-    first step and stops."""
-
-    requested = "SIGTERM"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
 def _train_losses(tmp_path, synthetic, name, *, packing, augment_on_device, monkeypatch=None):
     config = tiny_config(synthetic, total_steps=2)
     # 8 shards x 2 microbatches, 2 clips per (shard, microbatch); rows of 2 full clips.
@@ -192,7 +179,7 @@ def _train_losses(tmp_path, synthetic, name, *, packing, augment_on_device, monk
     workdir = tmp_path / name
     if monkeypatch is not None:  # stopped after step 1, then resumed
         with monkeypatch.context() as patch:
-            patch.setattr(preemption, "PreemptionGuard", _StopAtFirstPoll)
+            patch.setattr(preemption, "PreemptionGuard", lambda: StopAfter(0))
             assert train_lib.train(config, str(workdir))["step"] == 1
     train_lib.train(config, str(workdir))
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

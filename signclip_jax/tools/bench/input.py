@@ -287,11 +287,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 uncompressed_copy(packed_dir, tmp / "uncompressed")
             )
 
-        if getattr(args, "packed_only", False):
+        if args.packed_only:
             del readers[".pose files"]
         rows = []
         for label, src in readers.items():
-            if label != UNCOMPRESSED and not getattr(args, "packed_only", False):
+            if label != UNCOMPRESSED and not args.packed_only:
                 r = time_examples(src, data, tokenizer, n)
                 rows.append({"reader": label, "workers": 1, "what": "per-example work",
                              "augment": "host", **r})  # fmt: skip

@@ -308,7 +308,7 @@ class Parts:
         # Generated clips resampled to Spreadthesign lengths, packed; the recipe's temporal
         # augmentation on the device (bench input's default reading of the recipe).
         argv = ["input", *sizes, "--lengths=spreadthesign", "--workers=0", "--packed_only",
-                f"--text_model={getattr(self.args, 'text_model', 'minilm')}",
+                f"--text_model={self.args.text_model}",
                 "--pose_dtype=bfloat16", f"--step_rate={step_rate:.1f}"]  # fmt: skip
         parser = cli.build_parser()
         args, extra = parser.parse_known_args(argv)

@@ -177,23 +177,23 @@ class JaxBench:
         Returns (device batches, per-step {"rows", "text_len", "useful_token_fraction"})."""
         plan, mcfg, args = self.plan, self.mcfg, self.args
         row_len = args.pack_row_len or mcfg.max_frames + 2
-        shards = sharding.num_batch_shards(self.mesh, self.batch_axes)
+        layout = train_step_lib.InputLayout(
+            packing=True, max_frames=mcfg.max_frames, row_len=row_len,
+            row_multiple=args.pack_row_multiple, text_multiple=args.text_multiple,
+            shards=sharding.num_batch_shards(self.mesh, self.batch_axes),
+            microbatches=int(self.config.microbatches),
+        )  # fmt: skip
         batches, info = [], []
         for step, source in enumerate(padded):
             frames = plan.lengths[step].astype(np.int64)
-            slots = clip_packing.device_slots(
-                frames, row_len=row_len, max_frames=mcfg.max_frames, shards=shards,
-                microbatches=int(self.config.microbatches), row_multiple=args.pack_row_multiple,
-            )  # fmt: skip
             host_text = {
                 k: np.asarray(jax.device_get(source[k])) for k in ("text_ids", "text_mask")
             }
-            text_len = clip_packing.text_length(host_text["text_mask"], args.text_multiple)
-            host = {**clip_packing.trim_text(host_text, text_len), **slots}
+            host = layout.packed(frames, host_text)
             batch = sharding.shard_batch(host, self.mesh, self.batch_axes)
             batch["pose"], batch["pose_mask"] = source["pose"], source["pose_mask"]
             batches.append(batch)
-            segments = slots["packed_segments"]
+            segments, text_len = host["packed_segments"], host["text_ids"].shape[1]
             info.append({
                 "rows": int(segments.shape[0]), "row_len": row_len, "text_len": text_len,
                 "useful_token_fraction": float((segments > 0).sum()) / segments.size,
